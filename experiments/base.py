@@ -1,0 +1,92 @@
+"""Stage 2: the text-to-video diffusion transformer on the autoencoder's latents.
+
+  python -m spacetime_dit.train --config=experiments/base.py:cpu --workdir=runs/quickstart
+
+The autoencoder comes from `config.autoencoder.workdir` (default W/autoencoder); when no
+finished autoencoder is there, the same command first trains one with
+`experiments/autoencoder.py` of the same variant. Variants: `cpu` (trains in minutes on 2
+cores), `s`, `b`, `xl` (pod scale), and `tiny` for tests.
+"""
+
+import ml_collections
+
+from experiments import common
+
+_MODEL = {
+    "tiny": (32, 1, 2, (64, 8, 16, 1)),
+    # width, depth, heads; text: vocab, tokens, width, depth
+    "cpu": (192, 4, 4, (2048, 16, 128, 2)),
+    "s": (768, 12, 12, (32768, 64, 512, 4)),
+    "b": (1152, 28, 16, (32768, 64, 768, 6)),
+    "xl": (2048, 32, 16, (32768, 128, 1024, 8)),
+}
+
+
+def get_config(variant: str = "cpu") -> ml_collections.ConfigDict:
+  """Returns the locked diffusion-transformer config for `variant`."""
+  variant = common.check_variant(variant)
+  cpu = variant in ("tiny", "cpu")
+  tiny = variant == "tiny"
+  width, depth, heads, (vocab, text_len, text_width, text_depth) = _MODEL[variant]
+
+  config = ml_collections.ConfigDict()
+  config.stage = "dit"  # Which network this file trains.
+  config.variant = variant  # Size preset this config was built from.
+  config.seed = 0  # Parameter init, noise and timestep seed.
+
+  config.autoencoder = ml_collections.ConfigDict()
+  config.autoencoder.workdir = ""  # A finished autoencoder run; "" means W/autoencoder.
+  config.autoencoder.variant = variant  # experiments/autoencoder.py variant trained if missing.
+
+  # Tokens here are DiT patches of the latent: a budget keeps every step the same cost.
+  config.data = common.data_config(variant, token_budget=1536 if cpu else 65536, max_batch_size=64)
+
+  config.model = ml_collections.ConfigDict()
+  config.model.width = width  # D.
+  config.model.depth = depth  # Transformer blocks.
+  config.model.num_heads = heads  # N; head dim K = D / N.
+  config.model.mlp_ratio = 4.0  # F / D of the gated MLP.
+  config.model.patch_size = (1, 2, 2)  # Latent (t, h, w) cells per token.
+  config.model.text = ml_collections.ConfigDict()
+  config.model.text.vocab_size = vocab  # Hash buckets of the word tokenizer.
+  config.model.text.max_length = text_len  # S.
+  config.model.text.width = text_width  # E.
+  config.model.text.depth = text_depth  # Layers of the small trainable text encoder.
+  config.model.text.num_heads = 2 if tiny else 4  # Heads of the text encoder.
+
+  config.diffusion = ml_collections.ConfigDict()
+  # A narrow model cannot pass noise through a wide patch; predicting the clean latent
+  # learns at small widths (see the CPU learning note in the README).
+  config.diffusion.prediction = "x0" if cpu else "velocity"
+  config.diffusion.timestep_distribution = "logit_normal"  # SD3 §3.1.
+  config.diffusion.logit_mean = 0.0  # Logit-normal location.
+  config.diffusion.logit_std = 1.0  # Logit-normal scale.
+  config.diffusion.shift_base_tokens = 64 if cpu else 4096  # Tokens where the shift is base_shift.
+  config.diffusion.base_shift = 1.0  # Shift grows as sqrt(tokens / shift_base_tokens).
+  config.diffusion.caption_dropout = 0.1  # Null-caption rate, for classifier-free guidance.
+  config.diffusion.sample_steps = 2 if tiny else 30  # Sampler steps for samples and evaluation.
+  config.diffusion.guidance = 4.0  # Classifier-free guidance scale.
+  config.diffusion.sampler = "euler"  # "euler" or "heun".
+
+  config.optimizer = common.optimizer_config(learning_rate=8e-4 if cpu else 1e-4, warmup_steps=100)
+  config.train = common.train_config(
+      num_steps=4 if tiny else 1500 if cpu else 400_000,
+      log_every=1 if tiny else 10 if cpu else 100,
+      checkpoint_every=2 if tiny else 500 if cpu else 5000,
+      sample_every=0 if cpu else 10_000,
+  )
+  config.mesh = common.mesh_config()
+
+  config.sample = ml_collections.ConfigDict()
+  config.sample.prompts = (  # Clips written to W/samples during and after training.
+      "a red circle moving right",
+      "a green square moving up",
+      "a white triangle moving left",
+      "a yellow circle moving down",
+  )
+  config.sample.frames = 9 if cpu else 33  # Frames per sample clip.
+  config.sample.height = 32 if cpu else 256  # Pixels.
+  config.sample.width = 32 if cpu else 256  # Pixels.
+  config.sample.seed = 0  # Noise seed of the samples.
+  config.sample.fps = 8  # Frame rate of the written mp4.
+  return config.lock()

@@ -1,0 +1,42 @@
+"""spacetime_dit: a JAX/Flax codebase that trains and samples Sora-style text-to-video models."""
+
+import setuptools
+
+# Ranges were tested together on Python 3.11 (see README, "Dependencies"). The JAX stack moves
+# fast and renames sharding APIs between minor versions, so each is held to the minor release
+# that the tests ran against.
+INSTALL_REQUIRES = [
+    "jax>=0.10.2,<0.11",
+    "jaxlib>=0.10.2,<0.11",
+    "flax>=0.12.8,<0.12.9",
+    "optax>=0.2.8,<0.3",
+    "orbax-checkpoint>=0.12.8,<0.12.9",
+    "grain>=0.2.18,<0.3",
+    "ml-collections>=1.1.0,<1.2",
+    "chex>=0.1.92,<0.2",
+    "tensorflow-datasets>=4.9.10,<4.10",
+    "array-record>=0.8.6,<0.9",
+    "numpy>=2.4,<2.5",
+    "scipy>=1.17,<1.19",
+    "av>=18.1.0,<20",
+    "tensorboardX>=2.6.4,<2.7",
+    "tqdm>=4.67,<5",
+    "absl-py>=2.3,<3",
+]
+
+EXTRAS_REQUIRE = {
+    "test": [
+        "pytest>=9.0,<10",
+        "pytest-xdist>=3.8,<4",
+    ],
+}
+
+setuptools.setup(
+    name="spacetime_dit",
+    version="0.1.0",
+    description="Sora-style text-to-video diffusion transformers in JAX/Flax.",
+    python_requires=">=3.11,<3.12",
+    packages=setuptools.find_packages(include=["spacetime_dit*", "data_pipelines*", "experiments*", "benchmarks*", "launch*"]),
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS_REQUIRE,
+)

@@ -1,0 +1,350 @@
+"""Diffusion transformer over spacetime patches (v0).
+
+Data flow for a latent x (B,T,H,W,C), timesteps t (B,) or (B,L), and text ids/mask (B,S):
+
+  patchify -> linear patch embedding -> x (B,L,D), 3D patch positions (L,3)
+  text encoder -> tokens (B,S,E), pooled (B,E); caption dropout swaps in a learned null text
+  c = TimestepMLP(sinusoid(1000 t)) + PooledMLP(pooled)       (B,1,D) or per token (B,L,D)
+  shared modulation m = Linear(SiLU(c)) -> (B,L|1,6,D)         computed once for all blocks
+  depth x block: adaLN-Zero self-attention (QK-norm, 3D rope), cross-attention to text,
+                 adaLN-Zero gated MLP
+  final: LayerNorm, shift/scale from (table + c), zero-initialised Linear(D -> P), unpatchify
+
+The block design follows DiT (Peebles & Xie 2023) with PixArt-alpha's "adaLN-single"
+(Chen et al. 2023, §2.3): one projection of the conditioning to the six modulation vectors is
+shared by every block, and each block only adds its own learned (6, D) table. That keeps
+per-token timesteps (diffusion forcing, per-frame noise) cheap: the (B,L,6D) modulation is
+computed once instead of once per block. Tables and the shared projection start at zero, so every
+gate is zero and every block is the identity at initialisation (adaLN-Zero).
+
+The output has the latent's shape; whether it is a velocity or a clean latent is decided by
+`spacetime_dit.diffusion`, not here.
+"""
+
+import dataclasses
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from spacetime_dit.models import layers
+from spacetime_dit.models import patchify as patchify_lib
+from spacetime_dit.models import text as text_lib
+from spacetime_dit.sharding import axes
+
+DTYPES = ("float32", "bfloat16")
+
+
+@dataclasses.dataclass(frozen=True)
+class DiTConfig:
+  """Diffusion transformer hyper-parameters. Defaults are the tiny CPU model."""
+
+  width: int = 128  # D: residual stream width.
+  depth: int = 4  # number of transformer blocks.
+  num_heads: int = 4  # N: attention heads; head dim K = width / num_heads must be even, >= 6.
+  mlp_ratio: float = 4.0  # gated-MLP width F ~= mlp_ratio * D (8/3 has a 4x GELU MLP's params).
+  mlp_multiple_of: int = 64  # F is rounded up to a multiple of this (even tensor-parallel splits).
+  mlp_activation: str = "swiglu"  # "swiglu" or "geglu".
+  patch_size: tuple[int, int, int] = (1, 2, 2)  # (pt, ph, pw) latent voxels per token.
+  latent_channels: int = 8  # C of the autoencoder latent.
+  text: text_lib.TextEncoderConfig = text_lib.TextEncoderConfig()  # jointly trained text encoder.
+  qk_norm: bool = True  # RMS-normalise queries and keys (SD3 §5.3.2): stable logits at scale.
+  rope_theta: float = 10_000.0  # base wavelength of the 3D rotary embedding.
+  timestep_frequency_dim: int = 256  # sinusoidal features of t before the timestep MLP.
+  attention_impl: str = "xla"  # see layers.ATTENTION_IMPLS.
+  dtype: str = "float32"  # compute dtype ("float32" or "bfloat16"); params are always float32.
+  remat: bool = False  # rematerialise each block in the backward pass (saves activation memory).
+  scan_blocks: bool = False  # nn.scan over blocks: one compiled block, params stacked on axis 0.
+
+  def __post_init__(self):
+    for name in ("width", "depth", "num_heads", "latent_channels", "mlp_multiple_of"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"DiTConfig.{name}={getattr(self, name)} must be >= 1.")
+    if self.width % self.num_heads:
+      raise ValueError(
+          f"DiTConfig.width={self.width} must be divisible by num_heads={self.num_heads}; "
+          f"e.g. width={self.num_heads * max(1, round(self.width / self.num_heads))}."
+      )
+    layers.rope_axes_dims(self.head_dim)  # raises when K is odd or < 6.
+    if self.mlp_ratio <= 0:
+      raise ValueError(f"DiTConfig.mlp_ratio={self.mlp_ratio} must be > 0.")
+    if self.mlp_activation not in layers.MLP_ACTIVATIONS:
+      raise ValueError(
+          f"DiTConfig.mlp_activation={self.mlp_activation!r}; "
+          f"choose one of {layers.MLP_ACTIVATIONS}."
+      )
+    if len(self.patch_size) != 3 or any(int(p) != p or p < 1 for p in self.patch_size):
+      raise ValueError(
+          f"DiTConfig.patch_size={self.patch_size} must be 3 positive ints (pt, ph, pw)."
+      )
+    # Configs built from ml_collections may hold lists; a tuple keeps the config hashable.
+    object.__setattr__(self, "patch_size", tuple(int(p) for p in self.patch_size))
+    if self.attention_impl not in layers.ATTENTION_IMPLS:
+      raise ValueError(
+          f"DiTConfig.attention_impl={self.attention_impl!r}; "
+          f"choose one of {layers.ATTENTION_IMPLS}."
+      )
+    if self.dtype not in DTYPES:
+      raise ValueError(f"DiTConfig.dtype={self.dtype!r}; choose one of {DTYPES}.")
+    if self.rope_theta <= 1:
+      raise ValueError(f"DiTConfig.rope_theta={self.rope_theta} must be > 1.")
+    if self.timestep_frequency_dim < 2 or self.timestep_frequency_dim % 2:
+      raise ValueError(
+          f"DiTConfig.timestep_frequency_dim={self.timestep_frequency_dim} must be even and >= 2."
+      )
+
+  @property
+  def head_dim(self) -> int:
+    """K."""
+    return self.width // self.num_heads
+
+  @property
+  def mlp_hidden(self) -> int:
+    """F: mlp_ratio * width rounded up to a multiple of mlp_multiple_of."""
+    m = self.mlp_multiple_of
+    return m * math.ceil(round(self.mlp_ratio * self.width) / m)
+
+  @property
+  def patch_dim(self) -> int:
+    """P = pt * ph * pw * C."""
+    return math.prod(self.patch_size) * self.latent_channels
+
+
+def num_tokens(config: DiTConfig, latent_thw: tuple[int, int, int]) -> int:
+  """L for a latent of (T, H, W); raises ValueError when the patch does not divide it."""
+  return math.prod(patchify_lib.patch_grid(latent_thw, config.patch_size))
+
+
+def count_params(params) -> int:
+  """Number of parameters in a (possibly boxed or abstract) parameter tree."""
+  return sum(math.prod(x.shape) for x in jax.tree.leaves(nn.unbox(params)))
+
+
+def _constrain_residual(x_bld: jnp.ndarray) -> jnp.ndarray:
+  return nn.with_logical_constraint(x_bld, (axes.ACT_BATCH, axes.ACT_TOKENS, axes.ACT_EMBED))
+
+
+def _dense(features, kernel_names, *, kernel_init=layers.xavier_uniform(), name, dtype="float32"):
+  """nn.Dense with logically partitioned 2-D kernel and bias (bias named by kernel_names[1])."""
+  return nn.Dense(
+      features,
+      dtype=dtype,
+      kernel_init=nn.with_logical_partitioning(kernel_init, kernel_names),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (kernel_names[1],)),
+      name=name,
+  )
+
+
+class DiTBlock(nn.Module):
+  """adaLN-Zero transformer block: self-attention, cross-attention, gated MLP.
+
+  Attributes:
+    config: DiTConfig.
+  """
+
+  config: DiTConfig
+
+  @nn.compact
+  def __call__(self, x_bld, mod_bl6d, text_bsd, text_mask_bs, positions):
+    """Applies the block.
+
+    Args:
+      x_bld: float32 residual stream (B, L, D).
+      mod_bl6d: float32 shared modulation (B, L, 6, D) or (B, 1, 6, D).
+      text_bsd: text tokens projected to width D (B, S, D).
+      text_mask_bs: bool (B, S).
+      positions: int (L, 3) or (B, L, 3) patch coordinates for rope.
+
+    Returns:
+      float32 (B, L, D).
+    """
+    cfg = self.config
+    zeros = nn.initializers.zeros
+    table = self.param(
+        "modulation",
+        nn.with_logical_partitioning(zeros, (axes.MODULATION, axes.EMBED)),
+        (6, cfg.width),
+    )
+    mod = mod_bl6d + table
+    shift_attn, scale_attn, gate_attn = mod[:, :, 0], mod[:, :, 1], mod[:, :, 2]
+    shift_mlp, scale_mlp, gate_mlp = mod[:, :, 3], mod[:, :, 4], mod[:, :, 5]
+
+    h = layers.modulate(layers.layer_norm(x_bld), shift_attn, scale_attn)
+    h = layers.SelfAttention(
+        cfg.num_heads,
+        cfg.head_dim,
+        qk_norm=cfg.qk_norm,
+        rope_theta=cfg.rope_theta,
+        attention_impl=cfg.attention_impl,
+        dtype=cfg.dtype,
+        name="self_attn",
+    )(h, positions)
+    x_bld = x_bld + gate_attn * h.astype(jnp.float32)
+
+    # Cross-attention is not modulated (PixArt-alpha); its zero output projection keeps the
+    # block the identity at initialisation.
+    h = layers.CrossAttention(
+        cfg.num_heads,
+        cfg.head_dim,
+        qk_norm=cfg.qk_norm,
+        attention_impl=cfg.attention_impl,
+        out_init=zeros,
+        dtype=cfg.dtype,
+        name="cross_attn",
+    )(layers.layer_norm(x_bld), text_bsd, text_mask_bs)
+    x_bld = x_bld + h.astype(jnp.float32)
+
+    h = layers.modulate(layers.layer_norm(x_bld), shift_mlp, scale_mlp)
+    h = layers.GatedMLP(cfg.mlp_hidden, cfg.mlp_activation, dtype=cfg.dtype, name="mlp")(h)
+    x_bld = x_bld + gate_mlp * h.astype(jnp.float32)
+    return _constrain_residual(x_bld)
+
+
+class _ScannedBlock(nn.Module):
+  """DiTBlock in nn.scan's (carry, inputs) -> (carry, outputs) form."""
+
+  config: DiTConfig
+
+  @nn.compact
+  def __call__(self, x_bld, mod_bl6d, text_bsd, text_mask_bs, positions):
+    block = nn.remat(DiTBlock, prevent_cse=False) if self.config.remat else DiTBlock
+    x_bld = block(self.config, name="block")(x_bld, mod_bl6d, text_bsd, text_mask_bs, positions)
+    return x_bld, None
+
+
+class DiT(nn.Module):
+  """Text-conditioned diffusion transformer over spacetime latent patches.
+
+  Attributes:
+    config: DiTConfig.
+  """
+
+  config: DiTConfig
+
+  def _check_inputs(self, x_bthwc, t, text_ids_bs, text_mask_bs, drop_text_b):
+    cfg = self.config
+    if x_bthwc.ndim != 5 or x_bthwc.shape[-1] != cfg.latent_channels:
+      raise ValueError(
+          f"DiT input has shape {x_bthwc.shape}; it needs a latent (B, T, H, W, "
+          f"{cfg.latent_channels}) (DiTConfig.latent_channels={cfg.latent_channels})."
+      )
+    b, *thw, _ = x_bthwc.shape
+    grid = patchify_lib.patch_grid(tuple(thw), cfg.patch_size)
+    length = math.prod(grid)
+    if t.shape not in ((b,), (b, length)):
+      raise ValueError(
+          f"timesteps t have shape {t.shape}; the DiT needs (B,)=({b},) or per token "
+          f"(B, L)=({b}, {length}) for a latent of (T, H, W)={tuple(thw)} "
+          f"with patch {cfg.patch_size}."
+      )
+    if text_ids_bs.shape[0] != b or text_mask_bs.shape != text_ids_bs.shape:
+      raise ValueError(
+          f"text ids {text_ids_bs.shape} and mask {text_mask_bs.shape} must both be (B={b}, S)."
+      )
+    if drop_text_b is not None and drop_text_b.shape != (b,):
+      raise ValueError(f"drop_text_b has shape {drop_text_b.shape}; it must be bool (B,)=({b},).")
+    return grid
+
+  def _text(self, text_ids_bs, text_mask_bs, drop_text_b):
+    """Encodes text, applies caption dropout; returns tokens (B,S,D), mask, pooled (B,1,D)."""
+    cfg = self.config
+    tokens_bse, pooled_be = text_lib.TextEncoder(cfg.text, dtype=cfg.dtype, name="text_encoder")(
+        text_ids_bs, text_mask_bs
+    )
+    mask_bs = text_mask_bs.astype(bool)
+    # Learned "null caption" for classifier-free guidance (Ho & Salimans 2022): the dropped
+    # condition is a trained sequence with every position valid, not an empty (all-masked) one.
+    init = nn.initializers.normal(0.02)
+    null_tokens = self.param(
+        "null_text_tokens",
+        nn.with_logical_partitioning(init, (None, axes.EMBED)),
+        (cfg.text.max_length, cfg.text.width),
+    )
+    null_pooled = self.param(
+        "null_text_pooled", nn.with_logical_partitioning(init, (axes.EMBED,)), (cfg.text.width,)
+    )
+    if drop_text_b is not None:
+      drop = drop_text_b.astype(bool)
+      tokens_bse = jnp.where(drop[:, None, None], null_tokens[None], tokens_bse)
+      mask_bs = jnp.where(drop[:, None], True, mask_bs)
+      pooled_be = jnp.where(drop[:, None], null_pooled[None], pooled_be)
+
+    # Caption projection E -> D (PixArt-alpha): Linear, tanh-GELU, Linear.
+    h = _dense(cfg.width, (None, axes.EMBED), name="text_proj_1", dtype=cfg.dtype)(tokens_bse)
+    text_bsd = _dense(cfg.width, (None, axes.EMBED), name="text_proj_2", dtype=cfg.dtype)(
+        nn.gelu(h, approximate=True)
+    )
+    text_bsd = nn.with_logical_constraint(text_bsd, (axes.ACT_BATCH, axes.ACT_TEXT, axes.ACT_EMBED))
+    h = _dense(cfg.width, (None, axes.EMBED), name="pooled_proj_1")(pooled_be)
+    pooled_bd = _dense(cfg.width, (None, axes.EMBED), name="pooled_proj_2")(nn.silu(h))
+    return text_bsd, mask_bs, pooled_bd[:, None, :]
+
+  @nn.compact
+  def __call__(self, x_bthwc, t, text_ids_bs, text_mask_bs, *, drop_text_b=None):
+    """Predicts the denoiser output for a noisy latent.
+
+    Args:
+      x_bthwc: noisy latent (B, T, H, W, C); T, H, W divisible by the patch size.
+      t: float timesteps in [0, 1], shape (B,) or per token (B, L).
+      text_ids_bs: int (B, S) from HashTokenizer.
+      text_mask_bs: bool (B, S), True at real tokens.
+      drop_text_b: optional bool (B,); True uses the learned null text (classifier-free guidance).
+
+    Returns:
+      float32 (B, T, H, W, C).
+    """
+    cfg = self.config
+    t = jnp.asarray(t, jnp.float32)
+    grid = self._check_inputs(x_bthwc, t, text_ids_bs, text_mask_bs, drop_text_b)
+    positions = patchify_lib.grid_positions(grid)
+
+    x_blp = patchify_lib.patchify(x_bthwc.astype(jnp.float32), cfg.patch_size)
+    x_bld = _dense(cfg.width, (axes.PATCH, axes.EMBED), name="patch_embed", dtype=cfg.dtype)(x_blp)
+    x_bld = _constrain_residual(x_bld.astype(jnp.float32))
+
+    text_bsd, text_mask_bs, pooled_b1d = self._text(text_ids_bs, text_mask_bs, drop_text_b)
+    temb = layers.TimestepEmbedding(cfg.width, cfg.timestep_frequency_dim, name="t_embed")(t)
+    c = (temb[:, None, :] if t.ndim == 1 else temb) + pooled_b1d  # (B, 1|L, D)
+
+    w_mod = self.param(
+        "shared_modulation",
+        nn.with_logical_partitioning(nn.initializers.zeros, (axes.EMBED, axes.MODULATION, None)),
+        (cfg.width, 6, cfg.width),
+    )
+    mod_bl6d = jnp.einsum("bld,dmo->blmo", nn.silu(c), w_mod)
+
+    if cfg.scan_blocks:
+      x_bld, _ = nn.scan(
+          _ScannedBlock,
+          variable_axes={"params": 0},
+          split_rngs={"params": True},
+          in_axes=(nn.broadcast,) * 4,
+          length=cfg.depth,
+          metadata_params={nn.PARTITION_NAME: None},
+      )(cfg, name="blocks")(x_bld, mod_bl6d, text_bsd, text_mask_bs, positions)
+    else:
+      block_cls = nn.remat(DiTBlock) if cfg.remat else DiTBlock
+      for i in range(cfg.depth):
+        block = block_cls(cfg, name=f"block_{i}")
+        x_bld = block(x_bld, mod_bl6d, text_bsd, text_mask_bs, positions)
+
+    # Final layer (PixArt-alpha T2IFinalLayer): shift/scale = learned table + c, no gate; the
+    # zero-initialised projection makes the initial output exactly zero (DiT §3.2).
+    final_table = self.param(
+        "final_modulation",
+        nn.with_logical_partitioning(nn.initializers.zeros, (axes.MODULATION, axes.EMBED)),
+        (2, cfg.width),
+    )
+    shift, scale = final_table[0] + c, final_table[1] + c
+    h = layers.modulate(layers.layer_norm(x_bld), shift, scale)
+    out_blp = _dense(
+        cfg.patch_dim,
+        (axes.EMBED, axes.PATCH),
+        kernel_init=nn.initializers.zeros,
+        name="final_proj",
+        dtype=cfg.dtype,
+    )(h)
+    return patchify_lib.unpatchify(
+        out_blp.astype(jnp.float32), grid, cfg.patch_size, cfg.latent_channels
+    )

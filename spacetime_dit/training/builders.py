@@ -1,0 +1,138 @@
+"""Config -> modules, optimizers and trained parameters; the single place that knows how.
+
+Everything here reads a resolved `ConfigDict` once and hands frozen dataclasses to the
+model code (which never sees the ConfigDict).
+"""
+
+import json
+import os
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from spacetime_dit import config_types
+from spacetime_dit.models import autoencoder as autoencoder_lib
+from spacetime_dit.models import dit as dit_lib
+from spacetime_dit.models import text as text_lib
+from spacetime_dit.training import checkpointing
+from spacetime_dit.training import optimizer as optimizer_lib
+from spacetime_dit.training import state as state_lib
+
+CONFIG_FILE = "config.json"
+LATENT_STATS_FILE = "latent_stats.json"
+
+
+def autoencoder_config(config: ml_collections.ConfigDict) -> autoencoder_lib.AutoencoderConfig:
+  return config_types.dataclass_from_config(autoencoder_lib.AutoencoderConfig, config.model, path="config.model")
+
+
+def dit_config(config: ml_collections.ConfigDict, latent_channels: int) -> dit_lib.DiTConfig:
+  return config_types.dataclass_from_config(
+      dit_lib.DiTConfig, config.model, path="config.model", latent_channels=latent_channels
+  )
+
+
+def build_autoencoder(config: ml_collections.ConfigDict):
+  """(module, init_params) of the autoencoder; init_params(rng) returns boxed params."""
+  model = autoencoder_lib.CausalVideoAutoencoder(autoencoder_config(config))
+  cfg = model.config
+  dummy = jnp.zeros((1, 1 + cfg.temporal_factor, cfg.spatial_factor, cfg.spatial_factor, 3), jnp.float32)
+
+  def init_params(rng):
+    return model.init({"params": rng, "sample": rng}, dummy, sample_posterior=True)["params"]
+
+  return model, init_params
+
+
+def build_dit(config: ml_collections.ConfigDict, latent_channels: int):
+  """(module, init_params, tokenizer) of the text-conditioned DiT."""
+  cfg = dit_config(config, latent_channels)
+  model = dit_lib.DiT(cfg)
+  tokenizer = text_lib.HashTokenizer(cfg.text.vocab_size, cfg.text.max_length)
+  pt, ph, pw = cfg.patch_size
+  dummy = jnp.zeros((1, pt, ph, pw, latent_channels), jnp.float32)
+  ids, mask = tokenizer(["a red circle"])
+
+  def init_params(rng):
+    return model.init(rng, dummy, jnp.zeros((1,)), jnp.asarray(ids), jnp.asarray(mask))["params"]
+
+  return model, init_params, tokenizer
+
+
+def build_optimizer(config: ml_collections.ConfigDict):
+  """(tx, schedule) from the `optimizer` and `train` sections."""
+  opt = config_types.dataclass_from_config(config_types.OptimizerConfig, config.optimizer, path="config.optimizer")
+  return optimizer_lib.make_optimizer(opt, config.train.num_steps)
+
+
+def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Writes the resolved config as W/config.json (process 0 only)."""
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, CONFIG_FILE), "w", encoding="utf-8") as f:
+      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+  """Reads W/config.json back into a ConfigDict (lists come back as tuples where used)."""
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.exists(path):
+    raise FileNotFoundError(
+        f"{path} does not exist: {workdir!r} is not a training workdir. Pass the --workdir"
+        " that `python -m spacetime_dit.train` wrote to."
+    )
+  with open(path, encoding="utf-8") as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def save_latent_stats(workdir: str, mean: np.ndarray, std: np.ndarray) -> None:
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, LATENT_STATS_FILE), "w", encoding="utf-8") as f:
+      json.dump({"mean": [float(x) for x in mean], "std": [float(x) for x in std]}, f, indent=2)
+
+
+def load_latent_stats(workdir: str) -> tuple[np.ndarray, np.ndarray]:
+  with open(os.path.join(workdir, LATENT_STATS_FILE), encoding="utf-8") as f:
+    stats = json.load(f)
+  return np.asarray(stats["mean"], np.float32), np.asarray(stats["std"], np.float32)
+
+
+def autoencoder_workdir(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """Where a DiT run's autoencoder lives: `config.autoencoder.workdir`, else W/autoencoder.
+
+  A relative path is relative to the DiT's workdir, so a run directory can be moved whole.
+  """
+  path = config.autoencoder.workdir or "autoencoder"
+  return path if os.path.isabs(path) else os.path.join(workdir, path)
+
+
+def autoencoder_finished(workdir: str) -> bool:
+  """An autoencoder run is finished once its latent statistics are written (its last act)."""
+  return os.path.exists(os.path.join(workdir, LATENT_STATS_FILE))
+
+
+def restore_params(workdir: str, mesh, rules) -> tuple[ml_collections.ConfigDict, nn.Module, Any, Any]:
+  """Loads a trained stage: (config, module, params, tokenizer or None) from its latest checkpoint."""
+  config = load_config(workdir)
+  tx, _ = build_optimizer(config)
+  tokenizer = None
+  if config.stage == "autoencoder":
+    model, init_params = build_autoencoder(config)
+  else:
+    ae_config = load_config(autoencoder_workdir(config, workdir))
+    model, init_params, tokenizer = build_dit(config, ae_config.model.latent_channels)
+  abstract, _ = state_lib.state_shardings(init_params, tx, mesh, rules, config.seed)
+  checkpointer = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
+  step = checkpointer.latest_step()
+  if step is None:
+    raise FileNotFoundError(
+        f"no checkpoint in {workdir}/checkpoints: train first with"
+        f" `python -m spacetime_dit.train --config=... --workdir={workdir}`."
+    )
+  state = checkpointer.restore(step, abstract)
+  checkpointer.close()
+  return config, model, state.params, tokenizer

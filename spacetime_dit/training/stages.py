@@ -1,0 +1,253 @@
+"""The two training stages: the video autoencoder, then the DiT on its latents.
+
+Each stage resolves its config into frozen dataclasses, builds the mesh, creates or
+restores the sharded state (a workdir with checkpoints resumes), and hands a jitted step
+to the shared loop.
+"""
+
+import functools
+import logging
+import math
+import os
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from spacetime_dit import config_types
+from spacetime_dit import inference
+from spacetime_dit import video_io
+from spacetime_dit.models import autoencoder as autoencoder_lib
+from spacetime_dit.sharding import mesh as mesh_lib
+from spacetime_dit.training import builders
+from spacetime_dit.training import checkpointing
+from spacetime_dit.training import data as data_lib
+from spacetime_dit.training import loop
+from spacetime_dit.training import metrics as metrics_lib
+from spacetime_dit.training import state as state_lib
+from spacetime_dit.training import steps
+
+
+def _resolve(config: ml_collections.ConfigDict):
+  """The config sections every stage needs, as frozen dataclasses."""
+  train = config_types.dataclass_from_config(config_types.TrainConfig, config.train, path="config.train")
+  data = config_types.dataclass_from_config(config_types.DataConfig, config.data, path="config.data")
+  mesh = config_types.dataclass_from_config(config_types.MeshConfig, config.mesh, path="config.mesh")
+  return train, data, mesh
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """Resolves every section and the mesh now, so a bad value fails before any training.
+
+  (A DiT config with an impossible mesh must not first spend minutes on its autoencoder.)
+  """
+  _, _, mesh_cfg = _resolve(config)
+  mesh_lib.mesh_shape(mesh_cfg, jax.device_count())
+  builders.build_optimizer(config)
+  if config.stage == "autoencoder":
+    builders.autoencoder_config(config)
+  else:
+    config_types.dataclass_from_config(config_types.DiffusionConfig, config.diffusion, path="config.diffusion")
+    config_types.dataclass_from_config(config_types.SampleConfig, config.sample, path="config.sample")
+    builders.dit_config(config, latent_channels=1)
+
+
+def _setup(config, workdir, init_params, tx, mesh_cfg, train):
+  """Mesh, checkpointer, writer, and (abstract state, shardings)."""
+  if train.compilation_cache and not jax.config.jax_compilation_cache_dir:
+    # A cache already named (JAX_COMPILATION_CACHE_DIR, e.g. shared by a test session) wins.
+    jax.config.update("jax_compilation_cache_dir", os.path.join(workdir, "xla_cache"))
+  builders.save_config(config, workdir)
+  mesh = mesh_lib.make_mesh(mesh_cfg)
+  abstract, shardings = state_lib.state_shardings(init_params, tx, mesh, mesh_cfg.rules, config.seed)
+  checkpointer = checkpointing.Checkpointer(
+      os.path.join(workdir, "checkpoints"), max_to_keep=train.keep_checkpoints,
+      async_save=train.async_checkpointing,
+  )
+  writer = metrics_lib.MetricsWriter(workdir, enabled=jax.process_index() == 0)
+  return mesh, checkpointer, writer, abstract, shardings
+
+
+def _start_state(checkpointer, abstract, iterator, init_params, tx, mesh, rules, seed):
+  """Restores the newest checkpoint (and the data position), or initialises from scratch."""
+  latest = checkpointer.latest_step()
+  if latest is not None:
+    logging.info("resuming from step %d", latest)
+    return checkpointer.restore(latest, abstract, iterator)
+  return state_lib.create_state(init_params, tx, mesh, rules, seed)
+
+
+def _jit_step(step_fn, state_shardings, mesh, rules, batch_ndims: dict[str, int]):
+  batch_shardings = {k: mesh_lib.batch_sharding(mesh, rules, n) for k, n in batch_ndims.items()}
+  return jax.jit(
+      step_fn,
+      in_shardings=(state_shardings, batch_shardings, None),
+      out_shardings=(state_shardings, mesh_lib.replicated(mesh)),
+      donate_argnums=(0,),
+  )
+
+
+def _no_text(captions):
+  """The autoencoder ignores captions; one padding token keeps the batch layout uniform."""
+  return np.zeros((len(captions), 1), np.int32), np.zeros((len(captions), 1), bool)
+
+
+def train_autoencoder(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Trains the video autoencoder in `workdir`, then writes its latent statistics."""
+  train, data_cfg, mesh_cfg = _resolve(config)
+  rules = mesh_cfg.rules
+  model, init_params = builders.build_autoencoder(config)
+  tx, schedule = builders.build_optimizer(config)
+  mesh, checkpointer, writer, abstract, shardings = _setup(config, workdir, init_params, tx, mesh_cfg, train)
+  iterator, _ = data_lib.make_iterator(
+      data_cfg,
+      tokens_per_clip=math.prod,
+      batch_multiple=mesh_lib.batch_axis_size(mesh, rules),
+      tokenize=_no_text,
+      process_index=jax.process_index(),
+      process_count=jax.process_count(),
+  )
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    state = _start_state(checkpointer, abstract, iterator, init_params, tx, mesh, rules, config.seed)
+    step_fn = _jit_step(
+        functools.partial(
+            steps.autoencoder_step, model=model, tx=tx, schedule=schedule, kl_weight=config.loss.kl_weight
+        ),
+        shardings, mesh, rules, {"video": 5},
+    )
+    ctx = loop.LoopContext(
+        train=train, mesh=mesh, rules=rules, checkpointer=checkpointer, writer=writer,
+        batch_keys=("video",), tokens_per_batch=lambda b: int(b["video"].shape[0] * math.prod(b["video"].shape[1:4])),
+        description="autoencoder",
+    )
+    state = loop.run(state, step_fn, {}, iterator, ctx)
+    mean, std = _latent_statistics(model, state.params, data_cfg, config.latent_stats_clips)
+  _write_reconstruction(model, state.params, data_cfg, workdir)
+  builders.save_latent_stats(workdir, mean, std)
+  checkpointer.close()
+  writer.close()
+
+
+def _latent_statistics(model, params, data_cfg, num_clips, batch_size=8) -> tuple[np.ndarray, np.ndarray]:
+  """Per-channel mean and std of the posterior means over `num_clips` training clips.
+
+  The DiT trains on `(z - mean) / std`, so every latent channel enters the diffusion at
+  unit scale whatever the autoencoder learned (as in SD3's and Wan's latent scaling). The
+  clips all have the longest native length and the first native size, so the encoder
+  compiles once; the statistics are per channel and do not depend on the frame size.
+  """
+  source = data_lib.make_source(data_cfg)
+  batch_size = min(batch_size, num_clips)
+  shape = (max(data_cfg.lengths), *data_cfg.sizes[0])
+  indices = [i for i in range(50 * num_clips) if source.shape_of(i) == shape][:num_clips]
+
+  @jax.jit
+  def moments(params, video):
+    mean, _ = model.apply({"params": params}, steps.video_to_model_range(video), method=model.encode)
+    flat = mean.reshape(-1, mean.shape[-1]).astype(jnp.float32)
+    return jnp.sum(flat, 0), jnp.sum(jnp.square(flat), 0), flat.shape[0]
+
+  count, total, total_sq = 0, 0.0, 0.0
+  for start in range(0, len(indices) - batch_size + 1, batch_size):
+    video = np.stack([source[i]["video"] for i in indices[start:start + batch_size]])
+    s, sq, n = jax.device_get(moments(params, video))
+    count, total, total_sq = count + n, total + np.float64(s), total_sq + np.float64(sq)
+  if not count:
+    raise ValueError(
+        f"found no {shape} clips among the first {50 * num_clips} examples to measure latent"
+        " statistics; raise latent_stats_clips or check data.sizes / data.lengths."
+    )
+  mean = total / count
+  std = np.sqrt(np.maximum(total_sq / count - mean**2, 1e-12))
+  logging.info("latent mean %s std %s", np.round(mean, 3), np.round(std, 3))
+  return mean.astype(np.float32), std.astype(np.float32)
+
+
+def _write_reconstruction(model, params, data_cfg, workdir) -> None:
+  """W/samples/reconstruction.mp4: input | reconstruction, side by side, for a quick look.
+
+  Every process computes (the parameters may span them all); process 0 writes.
+  """
+  source = data_lib.make_source(data_cfg)
+  index = next(i for i in range(1000) if source.shape_of(i)[0] == max(data_cfg.lengths))
+  video = source[index]["video"]
+  recon, _, _ = model.apply(
+      {"params": params}, steps.video_to_model_range(jnp.asarray(video[None])), sample_posterior=False
+  )
+  recon = np.asarray(jnp.clip(jnp.round((recon[0] + 1.0) * 127.5), 0, 255).astype(jnp.uint8))
+  if jax.process_index() != 0:
+    return
+  os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
+  video_io.write_mp4(os.path.join(workdir, "samples", "reconstruction.mp4"), np.concatenate([video, recon], axis=2))
+
+
+def train_dit(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Trains the text-conditioned DiT in `workdir` on a finished autoencoder's latents."""
+  train, data_cfg, mesh_cfg = _resolve(config)
+  rules = mesh_cfg.rules
+  diffusion = config_types.dataclass_from_config(config_types.DiffusionConfig, config.diffusion, path="config.diffusion")
+  sample_cfg = config_types.dataclass_from_config(config_types.SampleConfig, config.sample, path="config.sample")
+  ae_dir = builders.autoencoder_workdir(config, workdir)
+  if not builders.autoencoder_finished(ae_dir):
+    raise FileNotFoundError(
+        f"no finished autoencoder in {ae_dir} (no {builders.LATENT_STATS_FILE}). Train one with"
+        f" `python -m spacetime_dit.train --config=experiments/autoencoder.py:{config.variant}"
+        f" --workdir={ae_dir}` or point --config.autoencoder.workdir at a finished run."
+    )
+  mesh = mesh_lib.make_mesh(mesh_cfg)
+  _, autoencoder, ae_params, _ = builders.restore_params(ae_dir, mesh, rules)
+  latent_mean, latent_std = builders.load_latent_stats(ae_dir)
+  ae_cfg = autoencoder.config
+  model, init_params, tokenizer = builders.build_dit(config, ae_cfg.latent_channels)
+  tx, schedule = builders.build_optimizer(config)
+  mesh, checkpointer, writer, abstract, shardings = _setup(config, workdir, init_params, tx, mesh_cfg, train)
+  patch = model.config.patch_size
+
+  def tokens_per_clip(shape):
+    return math.prod(n // p for n, p in zip(autoencoder_lib.latent_shape(ae_cfg, *shape), patch))
+
+  iterator, _ = data_lib.make_iterator(
+      data_cfg,
+      tokens_per_clip=tokens_per_clip,
+      batch_multiple=mesh_lib.batch_axis_size(mesh, rules),
+      tokenize=tokenizer,
+      process_index=jax.process_index(),
+      process_count=jax.process_count(),
+  )
+  frozen = {
+      "autoencoder": ae_params,
+      "latent_mean": jax.device_put(latent_mean, mesh_lib.replicated(mesh)),
+      "latent_std": jax.device_put(latent_std, mesh_lib.replicated(mesh)),
+  }
+  step = functools.partial(
+      steps.dit_step, model=model, autoencoder=autoencoder, patch_size=patch, diffusion=diffusion,
+      tx=tx, schedule=schedule,
+  )
+
+  def on_sample(state, done):
+    generator = inference.Generator(
+        model, state.params, autoencoder, ae_params, latent_mean, latent_std, tokenizer, diffusion
+    )
+    # Every process samples (the parameters may be sharded across them); process 0 writes.
+    inference.write_samples(
+        generator, os.path.join(workdir, "samples", f"step_{done:07d}"), sample_cfg.prompts,
+        write=jax.process_index() == 0, frames=sample_cfg.frames, height=sample_cfg.height,
+        width=sample_cfg.width, seed=sample_cfg.seed, fps=sample_cfg.fps, progress=False,
+    )
+
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    state = _start_state(checkpointer, abstract, iterator, init_params, tx, mesh, rules, config.seed)
+    step_fn = _jit_step(step, shardings, mesh, rules, {"video": 5, "text_ids": 2, "text_mask": 2})
+    ctx = loop.LoopContext(
+        train=train, mesh=mesh, rules=rules, checkpointer=checkpointer, writer=writer,
+        batch_keys=("video", "text_ids", "text_mask"),
+        tokens_per_batch=lambda b: b["video"].shape[0] * tokens_per_clip(b["video"].shape[1:4]),
+        on_sample=on_sample, description="dit",
+    )
+    state = loop.run(state, step_fn, frozen, iterator, ctx)
+    on_sample(state, int(jax.device_get(state.step)))
+  checkpointer.close()
+  writer.close()

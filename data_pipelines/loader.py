@@ -119,15 +119,28 @@ def shard_members(
 
 
 def _load(index: int, *, source: ShapedSource, shape: tuple[int, int, int]) -> dict[str, Any]:
-  """Reads one clip and checks it has the shape its bucket promises."""
+  """Reads one clip and checks it has the shape its bucket promises.
+
+  A source yields either a uint8 "video" (T, H, W, 3) of exactly `shape`, or a "latent"
+  (t, h, w, C) of that clip (a latent cache), whose native shape is still `shape`.
+  """
   example = source[int(index)]
+  row = {"caption": str(example["caption"]), "index": np.int64(index)}
+  if "latent" in example:
+    row["latent"] = np.asarray(example["latent"], np.float32)
+    if row["latent"].ndim != 4:
+      raise ValueError(
+          f"source[{int(index)}] has a latent of shape {row['latent'].shape}; it must be (t, h, w, C)."
+      )
+    return row
   video_thwc = np.asarray(example["video"])
   if video_thwc.shape != (*shape, 3) or video_thwc.dtype != np.uint8:
     raise ValueError(
         f"source[{int(index)}] has video {video_thwc.dtype} {video_thwc.shape}, but shape_of said "
         f"{shape} (expected uint8 {(*shape, 3)}). shape_of and __getitem__ must agree."
     )
-  return {"video": video_thwc, "caption": str(example["caption"]), "index": np.int64(index)}
+  row["video"] = video_thwc
+  return row
 
 
 def _collate(elements: Sequence[dict[str, Any]], *, tokenize: Tokenizer) -> dict[str, np.ndarray]:
@@ -140,8 +153,9 @@ def _collate(elements: Sequence[dict[str, Any]], *, tokenize: Tokenizer) -> dict
         f"tokenize({b} captions) returned ids {ids_bs.shape} and mask {mask_bs.shape}; it must "
         f"return two arrays of shape ({b}, S)."
     )
+  field = "latent" if "latent" in elements[0] else "video"
   return {
-      "video": np.stack([e["video"] for e in elements]),
+      field: np.stack([e[field] for e in elements]),
       "text_ids": ids_bs.astype(np.int32),
       "text_mask": mask_bs.astype(bool),
       "index": np.asarray([e["index"] for e in elements], dtype=np.int64),

@@ -14,7 +14,7 @@ from experiments import common
 _MODEL = {
     "tiny": (2, 4, 4, 8, (1, 1, 1)),
     # temporal, spatial, latent channels, base channels, per-level multipliers
-    "cpu": (2, 4, 8, 32, (1, 2, 2)),
+    "cpu": (2, 4, 8, 16, (1, 2, 4)),
     "s": (4, 8, 16, 64, (1, 2, 4, 4)),
     "b": (4, 8, 16, 96, (1, 2, 4, 4)),
     "xl": (4, 8, 16, 128, (1, 2, 4, 4)),
@@ -51,7 +51,7 @@ def get_config(variant: str = "cpu") -> ml_collections.ConfigDict:
 
   config.optimizer = common.optimizer_config(learning_rate=2e-3 if cpu else 1e-4, warmup_steps=50)
   config.train = common.train_config(
-      num_steps=4 if tiny else 600 if cpu else 200_000,
+      num_steps=4 if tiny else 800 if cpu else 200_000,
       log_every=1 if tiny else 10 if cpu else 100,
       checkpoint_every=2 if tiny else 200 if cpu else 5000,
   )

@@ -40,6 +40,7 @@ def get_config(variant: str = "cpu") -> ml_collections.ConfigDict:
 
   # Tokens here are DiT patches of the latent: a budget keeps every step the same cost.
   config.data = common.data_config(variant, token_budget=1536 if cpu else 65536, max_batch_size=64)
+  config.data.latent_cache_clips = 64 if tiny else 3000 if cpu else 0
 
   config.model = ml_collections.ConfigDict()
   config.model.width = width  # D.

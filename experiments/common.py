@@ -65,6 +65,9 @@ def data_config(variant: str, *, token_budget: int, max_batch_size: int) -> ml_c
   c.token_budget = token_budget  # Tokens per global batch (see the stage's tokens_per_clip).
   c.max_batch_size = max_batch_size  # Cap on any bucket's global batch size.
   c.num_threads = 2  # Grain reader threads; worker processes only add overhead on 2 cores.
+  # Diffusion stage only: encode this many clips once and train on their latents (0: encode
+  # every batch in the step). On a CPU the encoder costs several times the DiT step.
+  c.latent_cache_clips = 0
   return c
 
 

@@ -138,6 +138,7 @@ class DataConfig:
   token_budget: int = 1024  # Tokens per global batch; bucket batch sizes derive from it.
   max_batch_size: int = 64  # Cap on any bucket's global batch size.
   num_threads: int = 2  # Grain reader threads (processes do not help on small hosts).
+  latent_cache_clips: int = 0  # Diffusion stage: clips encoded once and trained on; 0 encodes every step.
 
   def __post_init__(self):
     if self.token_budget < 1:

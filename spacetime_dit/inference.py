@@ -66,18 +66,25 @@ class Generator:
     return cls(dit, dit_params, autoencoder, ae_params, mean, std, tokenizer, diffusion)
 
   def latent_grid(self, frames: int, height: int, width: int) -> tuple[int, int, int]:
-    """(t, h, w) of the latent for a video size; a clear error when the size cannot work."""
-    t, h, w = autoencoder_lib.latent_shape(self.autoencoder.config, frames, height, width)
-    pt, ph, pw = self.dit.config.patch_size
-    if t % pt or h % ph or w % pw:
-      sf = self.autoencoder.config.spatial_factor
+    """(t, h, w) of the latent for a video size; a clear error when the size cannot work.
+
+    Frames must be 1 + k * temporal factor (times the temporal patch), height and width
+    multiples of spatial factor x patch.
+    """
+    ae, patch = self.autoencoder.config, self.dit.config.patch_size
+    units = (ae.temporal_factor * patch[0], ae.spatial_factor * patch[1], ae.spatial_factor * patch[2])
+    frames_ok = frames >= 1 and (frames - 1) % ae.temporal_factor == 0
+    frames_ok = frames_ok and (1 + (frames - 1) // ae.temporal_factor) % patch[0] == 0
+    sizes_ok = all(n >= u and n % u == 0 for n, u in zip((height, width), units[1:]))
+    if not (frames_ok and sizes_ok):
+      near = [max(u, n - n % u) for n, u in zip((height, width), units[1:])]
       raise ValueError(
-          f"a {frames}x{height}x{width} video has a {t}x{h}x{w} latent, which the DiT patch"
-          f" {self.dit.config.patch_size} does not divide. Height and width must be multiples of"
-          f" {sf * ph} and {sf * pw} (e.g. {height - height % (sf * ph) or sf * ph}x"
-          f"{width - width % (sf * pw) or sf * pw})."
+          f"cannot sample {frames} frames of {height}x{width}: this model needs frames = 1 + k*"
+          f"{ae.temporal_factor} (e.g. {1 + max(frames - 1, 0) // ae.temporal_factor * ae.temporal_factor})"
+          f" and height, width multiples of {units[1]} and {units[2]} (autoencoder factor"
+          f" {ae.spatial_factor} x patch {patch[1:]}; e.g. {near[0]}x{near[1]})."
       )
-    return t, h, w
+    return autoencoder_lib.latent_shape(ae, frames, height, width)
 
   def _guided_velocity(self, params, x, t, ids, mask, guidance):
     """Classifier-free guided velocity: one batched call for the text and the null text."""

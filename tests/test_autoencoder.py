@@ -1,5 +1,6 @@
 """Tests for the causal video autoencoder (spacetime_dit.models.autoencoder and .conv3d)."""
 
+import dataclasses
 import functools
 import math
 
@@ -181,7 +182,7 @@ def test_posterior_sampling_uses_the_sample_rng():
 
 
 def _causality_batch(config: ae.AutoencoderConfig) -> jax.Array:
-  """Rows: a clip of 1 + 2*tf frames; it with frames > tf perturbed; it with frames > 0 perturbed."""
+  """Three rows: a clip of 1 + 2*tf frames, then it with frames > tf and frames > 0 perturbed."""
   tf = config.temporal_factor
   video = _video(2, (1, 1 + 2 * tf, 16, 16, 3))
   noise = _video(3, video.shape)
@@ -333,3 +334,19 @@ def test_a_few_adam_steps_reduce_reconstruction_loss():
   flat = float(jnp.mean(jnp.abs(centred)) + jnp.mean(jnp.square(centred)))
   assert history[-1] < 0.25 * history[0], history
   assert history[-1] < 0.7 * flat, (flat, history)
+
+
+def test_bfloat16_compute_and_remat_keep_float32_outputs_and_gradients():
+  config = dataclasses.replace(TINY, dtype="bfloat16", remat=True)
+  model = ae.CausalVideoAutoencoder(config)
+  video = jax.ShapeDtypeStruct((1, 5, 8, 8, 3), jnp.float32)
+  variables = jax.eval_shape(
+      lambda k, v: model.init({"params": k}, v, sample_posterior=False), _key(0), video)
+
+  def loss(variables, video):
+    recon, mean, logvar = model.apply(variables, video, sample_posterior=False)
+    assert recon.dtype == mean.dtype == logvar.dtype == jnp.float32
+    return ae.autoencoder_loss(recon, video, mean, logvar, kl_weight=1e-6)[0]
+
+  grads = jax.eval_shape(jax.grad(loss), variables, video)
+  assert {g.dtype for g in jax.tree.leaves(grads)} == {jnp.dtype(jnp.float32)}

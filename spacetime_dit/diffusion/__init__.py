@@ -1,0 +1,1 @@
+"""Rectified-flow math: timesteps, shift, loss, samplers and guidance (pure functions)."""

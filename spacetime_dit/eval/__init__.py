@@ -1,0 +1,1 @@
+"""Evaluation: the ShapesWorld scorer."""

@@ -1,0 +1,1 @@
+"""Flax Linen modules: the causal video autoencoder, patchify, layers, the DiT, the text encoder."""

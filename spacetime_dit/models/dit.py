@@ -125,17 +125,6 @@ def _constrain_residual(x_bld: jnp.ndarray) -> jnp.ndarray:
   return nn.with_logical_constraint(x_bld, (axes.ACT_BATCH, axes.ACT_TOKENS, axes.ACT_EMBED))
 
 
-def _dense(features, kernel_names, *, kernel_init=layers.xavier_uniform(), name, dtype="float32"):
-  """nn.Dense with logically partitioned 2-D kernel and bias (bias named by kernel_names[1])."""
-  return nn.Dense(
-      features,
-      dtype=dtype,
-      kernel_init=nn.with_logical_partitioning(kernel_init, kernel_names),
-      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (kernel_names[1],)),
-      name=name,
-  )
-
-
 class DiTBlock(nn.Module):
   """adaLN-Zero transformer block: self-attention, cross-attention, gated MLP.
 
@@ -271,13 +260,14 @@ class DiT(nn.Module):
       pooled_be = jnp.where(drop[:, None], null_pooled[None], pooled_be)
 
     # Caption projection E -> D (PixArt-alpha): Linear, tanh-GELU, Linear.
-    h = _dense(cfg.width, (None, axes.EMBED), name="text_proj_1", dtype=cfg.dtype)(tokens_bse)
-    text_bsd = _dense(cfg.width, (None, axes.EMBED), name="text_proj_2", dtype=cfg.dtype)(
-        nn.gelu(h, approximate=True)
+    linear = lambda name, dtype=cfg.dtype: layers.Linear(
+        cfg.width, (None, axes.EMBED), dtype=dtype, name=name
     )
+    h = linear("text_proj_1")(tokens_bse)
+    text_bsd = linear("text_proj_2")(nn.gelu(h, approximate=True))
     text_bsd = nn.with_logical_constraint(text_bsd, (axes.ACT_BATCH, axes.ACT_TEXT, axes.ACT_EMBED))
-    h = _dense(cfg.width, (None, axes.EMBED), name="pooled_proj_1")(pooled_be)
-    pooled_bd = _dense(cfg.width, (None, axes.EMBED), name="pooled_proj_2")(nn.silu(h))
+    h = linear("pooled_proj_1", "float32")(pooled_be)
+    pooled_bd = linear("pooled_proj_2", "float32")(nn.silu(h))
     return text_bsd, mask_bs, pooled_bd[:, None, :]
 
   @nn.compact
@@ -300,7 +290,9 @@ class DiT(nn.Module):
     positions = patchify_lib.grid_positions(grid)
 
     x_blp = patchify_lib.patchify(x_bthwc.astype(jnp.float32), cfg.patch_size)
-    x_bld = _dense(cfg.width, (axes.PATCH, axes.EMBED), name="patch_embed", dtype=cfg.dtype)(x_blp)
+    x_bld = layers.Linear(
+        cfg.width, (axes.PATCH, axes.EMBED), dtype=cfg.dtype, name="patch_embed"
+    )(x_blp)
     x_bld = _constrain_residual(x_bld.astype(jnp.float32))
 
     text_bsd, text_mask_bs, pooled_b1d = self._text(text_ids_bs, text_mask_bs, drop_text_b)
@@ -312,7 +304,7 @@ class DiT(nn.Module):
         nn.with_logical_partitioning(nn.initializers.zeros, (axes.EMBED, axes.MODULATION, None)),
         (cfg.width, 6, cfg.width),
     )
-    mod_bl6d = jnp.einsum("bld,dmo->blmo", nn.silu(c), w_mod)
+    mod_bl6d = layers.token_einsum("md,dco->mco", nn.silu(c), w_mod)
 
     if cfg.scan_blocks:
       x_bld, _ = nn.scan(
@@ -338,12 +330,12 @@ class DiT(nn.Module):
     )
     shift, scale = final_table[0] + c, final_table[1] + c
     h = layers.modulate(layers.layer_norm(x_bld), shift, scale)
-    out_blp = _dense(
+    out_blp = layers.Linear(
         cfg.patch_dim,
         (axes.EMBED, axes.PATCH),
         kernel_init=nn.initializers.zeros,
-        name="final_proj",
         dtype=cfg.dtype,
+        name="final_proj",
     )(h)
     return patchify_lib.unpatchify(
         out_blp.astype(jnp.float32), grid, cfg.patch_size, cfg.latent_channels

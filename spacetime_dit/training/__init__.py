@@ -1,0 +1,1 @@
+"""Train state, pure steps, the loop, checkpointing, metrics and the two training stages."""

@@ -32,6 +32,13 @@ def make_source(config: DataConfig, *, split: str = "train") -> shapesworld.Shap
   )
 
 
+def training_indices(config: DataConfig, source, num_samples: int | None = None):
+  """(indices, native shapes) of the clips a stage trains on: a seeded sample of the source."""
+  num = config.num_index_samples if num_samples is None else num_samples
+  indices = loader.select_indices(len(source), num_samples=num, seed=config.seed)
+  return indices, loader.shapes_of(source, indices)
+
+
 def make_iterator(
     config: DataConfig,
     *,
@@ -40,11 +47,21 @@ def make_iterator(
     tokenize,
     process_index: int,
     process_count: int,
+    source=None,
+    indices=None,
 ):
-  """Returns (per-process batch iterator, buckets) for the training split."""
-  source = make_source(config)
-  indices = loader.select_indices(len(source), num_samples=config.num_index_samples, seed=config.seed)
-  shapes = loader.shapes_of(source, indices)
+  """Returns (per-process batch iterator, buckets).
+
+  By default it reads the ShapesWorld training split; pass `source` (e.g. a latent cache)
+  and its `indices` to read those instead. Buckets come from the native (T, H, W) of the
+  indices read.
+  """
+  if source is None:
+    source = make_source(config)
+  if indices is None:
+    indices, shapes = training_indices(config, source)
+  else:
+    shapes = loader.shapes_of(source, indices)
   buckets, report = buckets_lib.compute_buckets(
       shapes,
       tokens_per_clip=tokens_per_clip,
@@ -52,7 +69,9 @@ def make_iterator(
       batch_multiple=batch_multiple,
       max_batch_size=config.max_batch_size,
   )
-  logging.info("buckets:\n%s\n%s", buckets_lib.describe_buckets(buckets), report)
+  logging.info("buckets:\n%s", buckets_lib.describe_buckets(buckets))
+  if report.rejected:
+    logging.warning("clips with no bucket (not trained on): %s", report.to_dict()["rejected"])
   iterator = loader.make_bucketed_iterator(
       source,
       buckets=buckets,

@@ -25,6 +25,7 @@ from spacetime_dit.sharding import mesh as mesh_lib
 from spacetime_dit.training import builders
 from spacetime_dit.training import checkpointing
 from spacetime_dit.training import data as data_lib
+from spacetime_dit.training import latent_cache
 from spacetime_dit.training import loop
 from spacetime_dit.training import metrics as metrics_lib
 from spacetime_dit.training import state as state_lib
@@ -55,20 +56,24 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     builders.dit_config(config, latent_channels=1)
 
 
-def _setup(config, workdir, init_params, tx, mesh_cfg, train):
-  """Mesh, checkpointer, writer, and (abstract state, shardings)."""
-  if train.compilation_cache and not jax.config.jax_compilation_cache_dir:
-    # A cache already named (JAX_COMPILATION_CACHE_DIR, e.g. shared by a test session) wins.
-    jax.config.update("jax_compilation_cache_dir", os.path.join(workdir, "xla_cache"))
+def _setup(config, workdir, init_params, tx, mesh, rules, train):
+  """Checkpointer, writer, and (abstract state, shardings)."""
   builders.save_config(config, workdir)
-  mesh = mesh_lib.make_mesh(mesh_cfg)
-  abstract, shardings = state_lib.state_shardings(init_params, tx, mesh, mesh_cfg.rules, config.seed)
+  abstract, shardings = state_lib.state_shardings(init_params, tx, mesh, rules, config.seed)
   checkpointer = checkpointing.Checkpointer(
       os.path.join(workdir, "checkpoints"), max_to_keep=train.keep_checkpoints,
       async_save=train.async_checkpointing,
   )
   writer = metrics_lib.MetricsWriter(workdir, enabled=jax.process_index() == 0)
-  return mesh, checkpointer, writer, abstract, shardings
+  return checkpointer, writer, abstract, shardings
+
+
+def _make_mesh(mesh_cfg, train, workdir):
+  """The device mesh, after pointing XLA's persistent compilation cache at the workdir."""
+  if train.compilation_cache and not jax.config.jax_compilation_cache_dir:
+    # A cache already named (JAX_COMPILATION_CACHE_DIR, e.g. shared by a test session) wins.
+    jax.config.update("jax_compilation_cache_dir", os.path.join(workdir, "xla_cache"))
+  return mesh_lib.make_mesh(mesh_cfg)
 
 
 def _start_state(checkpointer, abstract, iterator, init_params, tx, mesh, rules, seed):
@@ -101,7 +106,8 @@ def train_autoencoder(config: ml_collections.ConfigDict, workdir: str) -> None:
   rules = mesh_cfg.rules
   model, init_params = builders.build_autoencoder(config)
   tx, schedule = builders.build_optimizer(config)
-  mesh, checkpointer, writer, abstract, shardings = _setup(config, workdir, init_params, tx, mesh_cfg, train)
+  mesh = _make_mesh(mesh_cfg, train, workdir)
+  checkpointer, writer, abstract, shardings = _setup(config, workdir, init_params, tx, mesh, rules, train)
   iterator, _ = data_lib.make_iterator(
       data_cfg,
       tokens_per_clip=math.prod,
@@ -184,6 +190,29 @@ def _write_reconstruction(model, params, data_cfg, workdir) -> None:
   video_io.write_mp4(os.path.join(workdir, "samples", "reconstruction.mp4"), np.concatenate([video, recon], axis=2))
 
 
+def _latent_cache(autoencoder, ae_params, ae_dir, data_cfg, workdir, mesh, rules):
+  """Encodes the diffusion stage's training clips once (see `latent_cache`)."""
+  video_source = data_lib.make_source(data_cfg)
+  indices, _ = data_lib.training_indices(data_cfg, video_source, data_cfg.latent_cache_clips)
+
+  @jax.jit
+  def encode(video):
+    mean, _ = autoencoder.apply(
+        {"params": ae_params}, steps.video_to_model_range(video), method=autoencoder.encode
+    )
+    return mean
+
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    return latent_cache.build(
+        video_source, indices, encode,
+        fingerprint=latent_cache.fingerprint(
+            data=data_cfg, autoencoder=os.path.abspath(ae_dir),
+            autoencoder_step=checkpointing.Checkpointer(os.path.join(ae_dir, "checkpoints")).latest_step(),
+        ),
+        path=os.path.join(workdir, latent_cache.FILE), write=jax.process_index() == 0,
+    )
+
+
 def train_dit(config: ml_collections.ConfigDict, workdir: str) -> None:
   """Trains the text-conditioned DiT in `workdir` on a finished autoencoder's latents."""
   train, data_cfg, mesh_cfg = _resolve(config)
@@ -197,18 +226,32 @@ def train_dit(config: ml_collections.ConfigDict, workdir: str) -> None:
         f" `python -m spacetime_dit.train --config=experiments/autoencoder.py:{config.variant}"
         f" --workdir={ae_dir}` or point --config.autoencoder.workdir at a finished run."
     )
-  mesh = mesh_lib.make_mesh(mesh_cfg)
+  mesh = _make_mesh(mesh_cfg, train, workdir)
   _, autoencoder, ae_params, _ = builders.restore_params(ae_dir, mesh, rules)
   latent_mean, latent_std = builders.load_latent_stats(ae_dir)
   ae_cfg = autoencoder.config
   model, init_params, tokenizer = builders.build_dit(config, ae_cfg.latent_channels)
   tx, schedule = builders.build_optimizer(config)
-  mesh, checkpointer, writer, abstract, shardings = _setup(config, workdir, init_params, tx, mesh_cfg, train)
+  checkpointer, writer, abstract, shardings = _setup(config, workdir, init_params, tx, mesh, rules, train)
   patch = model.config.patch_size
 
   def tokens_per_clip(shape):
     return math.prod(n // p for n, p in zip(autoencoder_lib.latent_shape(ae_cfg, *shape), patch))
 
+  def tokens_per_batch(batch):
+    if "latent" in batch:
+      return len(batch["latent"]) * math.prod(n // p for n, p in zip(batch["latent"].shape[1:4], patch))
+    return len(batch["video"]) * tokens_per_clip(batch["video"].shape[1:4])
+
+  frozen = {
+      "autoencoder": ae_params,
+      "latent_mean": jax.device_put(latent_mean, mesh_lib.replicated(mesh)),
+      "latent_std": jax.device_put(latent_std, mesh_lib.replicated(mesh)),
+  }
+  source, indices, batch_keys = None, None, ("video", "text_ids", "text_mask")
+  if data_cfg.latent_cache_clips:
+    source = _latent_cache(autoencoder, ae_params, ae_dir, data_cfg, workdir, mesh, rules)
+    indices, batch_keys = source.indices, ("latent", "text_ids", "text_mask")
   iterator, _ = data_lib.make_iterator(
       data_cfg,
       tokens_per_clip=tokens_per_clip,
@@ -216,12 +259,9 @@ def train_dit(config: ml_collections.ConfigDict, workdir: str) -> None:
       tokenize=tokenizer,
       process_index=jax.process_index(),
       process_count=jax.process_count(),
+      source=source,
+      indices=indices,
   )
-  frozen = {
-      "autoencoder": ae_params,
-      "latent_mean": jax.device_put(latent_mean, mesh_lib.replicated(mesh)),
-      "latent_std": jax.device_put(latent_std, mesh_lib.replicated(mesh)),
-  }
   step = functools.partial(
       steps.dit_step, model=model, autoencoder=autoencoder, patch_size=patch, diffusion=diffusion,
       tx=tx, schedule=schedule,
@@ -240,11 +280,11 @@ def train_dit(config: ml_collections.ConfigDict, workdir: str) -> None:
 
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     state = _start_state(checkpointer, abstract, iterator, init_params, tx, mesh, rules, config.seed)
-    step_fn = _jit_step(step, shardings, mesh, rules, {"video": 5, "text_ids": 2, "text_mask": 2})
+    step_fn = _jit_step(step, shardings, mesh, rules, {batch_keys[0]: 5, "text_ids": 2, "text_mask": 2})
     ctx = loop.LoopContext(
         train=train, mesh=mesh, rules=rules, checkpointer=checkpointer, writer=writer,
-        batch_keys=("video", "text_ids", "text_mask"),
-        tokens_per_batch=lambda b: b["video"].shape[0] * tokens_per_clip(b["video"].shape[1:4]),
+        batch_keys=batch_keys,
+        tokens_per_batch=tokens_per_batch,
         on_sample=on_sample, description="dit",
     )
     state = loop.run(state, step_fn, frozen, iterator, ctx)

@@ -68,13 +68,19 @@ def autoencoder_step(
   return state, {"loss": loss, **aux, **metrics}
 
 
-def encode_latents(
-    video_bthwc: jax.Array, frozen: Mapping[str, Any], *, autoencoder: nn.Module
+def clean_latents(
+    batch: Mapping[str, jax.Array], frozen: Mapping[str, Any], *, autoencoder: nn.Module
 ) -> jax.Array:
-  """uint8 video -> normalised latent (posterior mean, per-channel standardised)."""
-  mean, _ = autoencoder.apply(
-      {"params": frozen["autoencoder"]}, video_to_model_range(video_bthwc), method=autoencoder.encode
-  )
+  """The batch's normalised latent x0: cached posterior means, or the video encoded here.
+
+  Which one is decided when the step is traced (by the batch's keys), not per step.
+  """
+  if "latent" in batch:
+    mean = batch["latent"]
+  else:
+    mean, _ = autoencoder.apply(
+        {"params": frozen["autoencoder"]}, video_to_model_range(batch["video"]), method=autoencoder.encode
+    )
   return jax.lax.stop_gradient((mean - frozen["latent_mean"]) / frozen["latent_std"])
 
 
@@ -90,10 +96,14 @@ def dit_step(
     tx: optax.GradientTransformation,
     schedule: optax.Schedule,
 ) -> tuple[TrainState, Metrics]:
-  """Rectified-flow step of the text-conditioned DiT on the frozen autoencoder's latents."""
+  """Rectified-flow step of the text-conditioned DiT on the frozen autoencoder's latents.
+
+  `batch` holds "text_ids", "text_mask" and either "latent" (cached posterior means) or
+  "video" (uint8, encoded in the step).
+  """
   rng = jax.random.fold_in(state.rng, state.step)
   rng_t, rng_noise, rng_drop = jax.random.split(rng, 3)
-  x0 = encode_latents(batch["video"], frozen, autoencoder=autoencoder)
+  x0 = clean_latents(batch, frozen, autoencoder=autoencoder)
   batch_size = x0.shape[0]
   # The shift depends on the token count of this bucket: a static Python number per shape,
   # the same rule the sampler applies (SD3 §5.3.2).

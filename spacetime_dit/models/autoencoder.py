@@ -14,6 +14,10 @@ The design follows the causal video VAEs of CogVideoX (Yang et al. 2024, §2.2) 
   (`conv3d.unfold_time`).
 - Time is downsampled on the last (lowest-resolution) log2(tf) of the log2(sf) spatial levels,
   as in Wan 2.1, so the high-resolution levels still see every frame.
+- Causality makes streaming exact: with `apply(..., mutable=["cache"])` every causal conv
+  carries the input frames its next output needs from one time chunk to the next (see
+  `conv3d.CausalConv3d`), so `autoencoder_tiling` encodes and decodes any length in chunks with
+  bounded memory and the one-shot result.
 - The encoder outputs a diagonal Gaussian posterior (mean, log-variance) with
   `latent_channels` channels (Kingma & Welling 2014).
 """
@@ -27,6 +31,7 @@ from flax import linen as nn
 
 from spacetime_dit.models import conv3d
 from spacetime_dit.sharding import axes
+from spacetime_dit.sharding import constraints
 
 NORMS = ("rms", "group")
 _ACT_AXES = (axes.ACT_BATCH, axes.ACT_FRAMES, axes.ACT_HEIGHT, axes.ACT_WIDTH, axes.ACT_CHANNELS)
@@ -233,8 +238,17 @@ def _res_block(config: AutoencoderConfig):
   return nn.remat(ResBlock) if config.remat else ResBlock
 
 
-def _constrain(x_bthwc: jax.Array) -> jax.Array:
-  return nn.with_logical_constraint(x_bthwc, _ACT_AXES)
+def _constrain(x_bthwc: jax.Array, latent_height: int) -> jax.Array:
+  """Shards activations by their logical names; H only if the latent's H splits evenly.
+
+  Then every level's H (a multiple of the latent's) splits evenly too, and all levels are split
+  alike. An uneven split of a small deep level makes XLA compute wrong convolutions
+  (`sharding.constraints`), and gathering only those levels still gave wrong gradients on
+  8 CPU devices (H = 24, sf = 4, sequence = 4), so the choice is made once per network.
+  """
+  if constraints.mesh_divides(latent_height, axes.ACT_HEIGHT):
+    return nn.with_logical_constraint(x_bthwc, _ACT_AXES)
+  return nn.with_logical_constraint(x_bthwc, (*_ACT_AXES[:2], None, *_ACT_AXES[3:]))
 
 
 class Encoder(nn.Module):
@@ -254,7 +268,7 @@ class Encoder(nn.Module):
         # A strided causal conv: time stride 2 keeps frame 0 alone and merges each later pair.
         strides = (2 if cfg.downsamples_time(level) else 1, 2, 2)
         x_bthwc = _conv(cfg, x_bthwc.shape[-1], strides=strides, name=f"down{level}")(x_bthwc)
-      x_bthwc = _constrain(x_bthwc)
+      x_bthwc = _constrain(x_bthwc, video_bthwc.shape[2] // cfg.spatial_factor)
     x_bthwc = block(cfg, x_bthwc.shape[-1], name="mid_block")(x_bthwc)
     x_bthwc = nn.silu(_norm(cfg, name="norm_out")(x_bthwc))
     moments_bthwc = _conv(cfg, 2 * cfg.latent_channels, name="conv_out")(x_bthwc)
@@ -264,13 +278,20 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-  """Latent (B, T, H, W, C) -> video (B, 1 + (T-1)*tf, H*sf, W*sf, 3), roughly in [-1, 1]."""
+  """Latent (B, T, H, W, C) -> video (B, 1 + (T-1)*tf, H*sf, W*sf, 3), roughly in [-1, 1].
+
+  Streaming (mutable "cache", see `conv3d.CausalConv3d`): the first chunk decodes like a whole
+  latent; a later chunk of T latent frames gives T*tf video frames, because only the stream's
+  latent frame 0 stands for a single video frame.
+  """
 
   config: AutoencoderConfig
 
   @nn.compact
   def __call__(self, latent_bthwc: jax.Array) -> jax.Array:
     cfg = self.config
+    # A cache/started entry marks a later chunk; its presence is static at trace time.
+    continues_stream = self.has_variable("cache", "started")
     block = _res_block(cfg)
     mults = cfg.channel_multipliers
     x_bthwc = _conv(cfg, cfg.base_channels * mults[-1], name="conv_in")(latent_bthwc)
@@ -285,7 +306,7 @@ class Decoder(nn.Module):
           # Depth-to-space in time (Wan 2.1 `Resample`): 2C channels -> 2 frames of C, except
           # latent frame 0, which stays one frame.
           y_bthwc = _conv(cfg, 2 * c, (3, 1, 1), name=f"up_time{level}")(x_bthwc)
-          x_bthwc = conv3d.unfold_time(y_bthwc, 2)
+          x_bthwc = conv3d.unfold_time(y_bthwc, 2, first_frame_alone=not continues_stream)
         # Nearest-neighbour upsampling + conv avoids the checkerboard of transposed convs
         # (Odena et al. 2016). The conv runs at the higher resolution, so it is per frame
         # (1x3x3; the res blocks around it mix time) and already outputs the next level's
@@ -293,10 +314,12 @@ class Decoder(nn.Module):
         x_bthwc = conv3d.upsample_space_nearest(x_bthwc, 2)
         c_next = cfg.base_channels * mults[level - 1]
         x_bthwc = _conv(cfg, c_next, (1, 3, 3), name=f"up_space{level}")(x_bthwc)
-      x_bthwc = _constrain(x_bthwc)
+      x_bthwc = _constrain(x_bthwc, latent_bthwc.shape[2])
     x_bthwc = nn.silu(_norm(cfg, name="norm_out")(x_bthwc))
     # Replicated: 3 RGB outputs divide no mesh axis.
     video_bthwc = _conv(cfg, cfg.video_channels, name="conv_out", out_axis=None)(x_bthwc)
+    if conv3d.is_streaming(self):
+      self.put_variable("cache", "started", jnp.ones((), jnp.bool_))
     return video_bthwc.astype(jnp.float32)
 
 

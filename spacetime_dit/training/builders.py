@@ -13,14 +13,17 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 
 from spacetime_dit import config_types
 from spacetime_dit.models import autoencoder as autoencoder_lib
+from spacetime_dit.models import discriminator as discriminator_lib
 from spacetime_dit.models import dit as dit_lib
 from spacetime_dit.models import text as text_lib
 from spacetime_dit.training import checkpointing
 from spacetime_dit.training import optimizer as optimizer_lib
 from spacetime_dit.training import state as state_lib
+from spacetime_dit.training import steps
 
 CONFIG_FILE = "config.json"
 LATENT_STATS_FILE = "latent_stats.json"
@@ -46,6 +49,65 @@ def build_autoencoder(config: ml_collections.ConfigDict):
     return model.init({"params": rng, "sample": rng}, dummy, sample_posterior=True)["params"]
 
   return model, init_params
+
+
+def loss_config(config: ml_collections.ConfigDict) -> steps.AutoencoderLossConfig:
+  """The autoencoder's `loss` section (configs written before its GAN fields get their defaults)."""
+  return config_types.dataclass_from_config(steps.AutoencoderLossConfig, config.loss, path="config.loss")
+
+
+def build_discriminator(loss: steps.AutoencoderLossConfig, ae_config: autoencoder_lib.AutoencoderConfig):
+  """(module, init_params) of the 3-D patch discriminator; init_params(rng) returns boxed params."""
+  model = discriminator_lib.PatchDiscriminator(
+      discriminator_lib.DiscriminatorConfig(
+          channels=loss.disc_channels, num_layers=loss.disc_layers, conv_impl=ae_config.conv_impl,
+          dtype=ae_config.dtype,
+      )
+  )
+  # Parameter shapes do not depend on the clip size: one small frame initialises them.
+  dummy = jnp.zeros((1, 1, 8, 8, ae_config.video_channels), jnp.float32)
+
+  def init_params(rng):
+    return model.init(rng, dummy)["params"]
+
+  return model, init_params
+
+
+def build_autoencoder_training(config: ml_collections.ConfigDict):
+  """Everything the autoencoder stage trains with, in the layout its loss implies.
+
+  Returns:
+    (model, discriminator or None, init_params, tx, schedule, loss). Without a discriminator
+    (`loss.disc_weight == 0`) the parameters are the bare autoencoder's, exactly as before the
+    GAN existed. With one they are {"autoencoder", "discriminator"}; each network gets its own
+    copy of the configured optimizer (so neither one's gradient clipping or Adam statistics see
+    the other's), and the discriminator's is masked (zero update, state untouched) until
+    `disc_start`: its Adam statistics and warmup begin when it starts training.
+  """
+  loss = loss_config(config)
+  model, ae_init = build_autoencoder(config)
+  tx, schedule = build_optimizer(config)
+  if not loss.use_discriminator:
+    return model, None, ae_init, tx, schedule, loss
+  discriminator, d_init = build_discriminator(loss, model.config)
+
+  def init_params(rng):
+    # The autoencoder takes the same key as without the GAN, so both layouts start alike.
+    return {"autoencoder": ae_init(rng), "discriminator": d_init(jax.random.fold_in(rng, 1))}
+
+  d_tx, _ = build_optimizer(config)
+  # The mask's counter advances once per update, like `TrainState.step`, so the two agree.
+  d_tx = optax.transforms.conditionally_mask(d_tx, lambda count: count >= loss.disc_start)
+  labels = {"autoencoder": "autoencoder", "discriminator": "discriminator"}
+  tx = optax.multi_transform({"autoencoder": tx, "discriminator": d_tx}, labels)
+  return model, discriminator, init_params, tx, schedule, loss
+
+
+def autoencoder_params(params: Any) -> Any:
+  """The bare autoencoder parameters from either state layout (with or without discriminator)."""
+  if isinstance(params, dict) and set(params) == {"autoencoder", "discriminator"}:
+    return params["autoencoder"]
+  return params
 
 
 def build_dit(config: ml_collections.ConfigDict, latent_channels: int):
@@ -116,13 +178,18 @@ def autoencoder_finished(workdir: str) -> bool:
 
 
 def restore_params(workdir: str, mesh, rules) -> tuple[ml_collections.ConfigDict, nn.Module, Any, Any, int]:
-  """Loads a trained stage: (config, module, params, tokenizer or None, step) from its latest checkpoint."""
+  """Loads a trained stage: (config, module, params, tokenizer or None, step) from its latest checkpoint.
+
+  For an autoencoder workdir `params` are always the bare autoencoder's, also when it trained
+  with a discriminator (whose parameters stay in the checkpoint).
+  """
   config = load_config(workdir)
-  tx, _ = build_optimizer(config)
   tokenizer = None
   if config.stage == "autoencoder":
-    model, init_params = build_autoencoder(config)
+    # The checkpoint's layout follows its loss config: restore it whole, return the autoencoder.
+    model, _, init_params, tx, _, _ = build_autoencoder_training(config)
   else:
+    tx, _ = build_optimizer(config)
     ae_config = load_config(autoencoder_workdir(config, workdir))
     model, init_params, tokenizer = build_dit(config, ae_config.model.latent_channels)
   abstract, _ = state_lib.state_shardings(init_params, tx, mesh, rules, config.seed)
@@ -135,4 +202,5 @@ def restore_params(workdir: str, mesh, rules) -> tuple[ml_collections.ConfigDict
     )
   state = checkpointer.restore(step, abstract)
   checkpointer.close()
-  return config, model, state.params, tokenizer, step
+  params = autoencoder_params(state.params) if config.stage == "autoencoder" else state.params
+  return config, model, params, tokenizer, step

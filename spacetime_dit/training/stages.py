@@ -50,6 +50,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   builders.build_optimizer(config)
   if config.stage == "autoencoder":
     builders.autoencoder_config(config)
+    builders.build_autoencoder_training(config)  # Resolves the loss section and the discriminator.
   else:
     config_types.dataclass_from_config(config_types.DiffusionConfig, config.diffusion, path="config.diffusion")
     config_types.dataclass_from_config(config_types.SampleConfig, config.sample, path="config.sample")
@@ -104,8 +105,7 @@ def train_autoencoder(config: ml_collections.ConfigDict, workdir: str) -> None:
   """Trains the video autoencoder in `workdir`, then writes its latent statistics."""
   train, data_cfg, mesh_cfg = _resolve(config)
   rules = mesh_cfg.rules
-  model, init_params = builders.build_autoencoder(config)
-  tx, schedule = builders.build_optimizer(config)
+  model, discriminator, init_params, tx, schedule, loss = builders.build_autoencoder_training(config)
   mesh = _make_mesh(mesh_cfg, train, workdir)
   checkpointer, writer, abstract, shardings = _setup(config, workdir, init_params, tx, mesh, rules, train)
   iterator, _ = data_lib.make_iterator(
@@ -120,7 +120,8 @@ def train_autoencoder(config: ml_collections.ConfigDict, workdir: str) -> None:
     state = _start_state(checkpointer, abstract, iterator, init_params, tx, mesh, rules, config.seed)
     step_fn = _jit_step(
         functools.partial(
-            steps.autoencoder_step, model=model, tx=tx, schedule=schedule, kl_weight=config.loss.kl_weight
+            steps.autoencoder_step, model=model, discriminator=discriminator, tx=tx, schedule=schedule,
+            loss=loss,
         ),
         shardings, mesh, rules, {"video": 5},
     )
@@ -130,8 +131,9 @@ def train_autoencoder(config: ml_collections.ConfigDict, workdir: str) -> None:
         description="autoencoder",
     )
     state = loop.run(state, step_fn, {}, iterator, ctx)
-    mean, std = _latent_statistics(model, state.params, data_cfg, config.latent_stats_clips)
-  _write_reconstruction(model, state.params, data_cfg, workdir)
+    ae_params = builders.autoencoder_params(state.params)
+    mean, std = _latent_statistics(model, ae_params, data_cfg, config.latent_stats_clips)
+  _write_reconstruction(model, ae_params, data_cfg, workdir)
   builders.save_latent_stats(workdir, mean, std)
   checkpointer.close()
   writer.close()

@@ -268,3 +268,13 @@ def test_gan_run_restores_bare_autoencoder_params(tmp_path):
   chex.assert_trees_all_equal_shapes(params, nn.meta.unbox(jax.eval_shape(ae_init, _key(0))))
   recon, _, _ = model.apply({"params": params}, jnp.zeros((1, 5, 16, 16, 3)), sample_posterior=False)
   assert recon.shape == (1, 5, 16, 16, 3)
+
+
+def test_check_config_refuses_a_discriminator_that_never_starts():
+  config = autoencoder_experiment.get_config("tiny")
+  config.unlock()
+  config.loss.disc_weight, config.loss.disc_start = 0.1, config.train.num_steps
+  with pytest.raises(ValueError, match="disc_start=4 is not below"):
+    stages.check_config(config)
+  config.loss.disc_start = 1
+  stages.check_config(config)

@@ -1,1 +1,1 @@
-"""Evaluation: the ShapesWorld scorer."""
+"""Evaluation: the ShapesWorld scorer, video metrics (PSNR, SSIM, flicker), autoencoder eval."""

@@ -93,11 +93,12 @@ class Streaming:
       raise ValueError(
           f"--chunk_frames={self.chunk_frames} must be a positive multiple of the temporal factor"
           f" {tf} (e.g. {max(tf, self.chunk_frames - self.chunk_frames % tf)}).")
-    for name, value in (("tile", self.tile), ("overlap", self.overlap)):
-      if value is not None and (len(value) != 2 or any(v < 0 or v % sf for v in value)):
+    # A tile must hold at least one latent pixel; an overlap may be 0.
+    for name, value, smallest in (("tile", self.tile, sf), ("overlap", self.overlap, 0)):
+      if value is not None and (len(value) != 2 or any(v < smallest or v % sf for v in value)):
         raise ValueError(
             f"--{name}={','.join(map(str, value))} must be two sizes H,W that are multiples of the"
-            f" spatial factor {sf} (e.g. {8 * sf},{8 * sf}).")
+            f" spatial factor {sf}, at least {smallest} (e.g. {8 * sf},{8 * sf}).")
     if self.overlap is not None and self.tile is None:
       raise ValueError("--overlap needs --tile: the overlap is between spatial tiles.")
 

@@ -72,7 +72,8 @@ class DiscriminatorConfig:
       raise ValueError(f"discriminator kernel_size={self.kernel_size} must be 3 positive ints (kt, kh, kw).")
     if self.time_downsample_layers < 0:
       raise ValueError(
-          f"discriminator time_downsample_layers={self.time_downsample_layers} must be >= 0.")
+          f"discriminator time_downsample_layers={self.time_downsample_layers} must be >= 0"
+          " (0: no layer halves time).")
     if self.norm not in NORMS:
       raise ValueError(f"discriminator norm={self.norm!r} is not one of {NORMS}.")
     if self.norm == "group":

@@ -51,6 +51,13 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   if config.stage == "autoencoder":
     builders.autoencoder_config(config)
     builders.build_autoencoder_training(config)  # Resolves the loss section and the discriminator.
+    loss, num_steps = config.loss, config.train.num_steps
+    if loss.disc_weight > 0 and loss.disc_start >= num_steps:
+      raise ValueError(
+          f"config.loss.disc_start={loss.disc_start} is not below config.train.num_steps="
+          f"{num_steps}: the discriminator would run every step and never take effect. Start it"
+          f" earlier (e.g. --config.loss.disc_start={num_steps // 10}) or set"
+          " --config.loss.disc_weight=0.")
   else:
     config_types.dataclass_from_config(config_types.DiffusionConfig, config.diffusion, path="config.diffusion")
     config_types.dataclass_from_config(config_types.SampleConfig, config.sample, path="config.sample")

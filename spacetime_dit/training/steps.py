@@ -234,6 +234,9 @@ def _gan_autoencoder_step(state, video, rng, *, model, discriminator, tx, schedu
 
   grads = {"autoencoder": ae_grads, "discriminator": d_grads}
   state, metrics = apply_gradients(state, grads, tx=tx, schedule=schedule)
+  # The autoencoder's norms only, so the curves compare with GAN-free runs (d_grad_norm below).
+  metrics["grad_norm"] = optax.tree.norm(ae_grads)
+  metrics["param_norm"] = optax.tree.norm(state.params["autoencoder"])
   gan_metrics = {
       "g_loss": g_loss,
       "d_loss": d_loss,

@@ -77,6 +77,7 @@ def _plain(value):
 
 def main(argv):
   del argv  # Checked by cli.run.
+  cli.use_fast_cpu_convolutions()
   config = builders.load_config(_WORKDIR.value)
   data_cfg = config_types.dataclass_from_config(config_types.DataConfig, config.data, path="config.data")
   generator = inference.Generator.from_workdir(_WORKDIR.value)

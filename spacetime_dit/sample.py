@@ -33,6 +33,7 @@ flags.mark_flags_as_required(["workdir", "prompt"])
 
 def main(argv):
   del argv  # Checked by cli.run.
+  cli.use_fast_cpu_convolutions()
   sample_cfg = builders.load_config(_WORKDIR.value).sample
   generator = inference.Generator.from_workdir(_WORKDIR.value)
   frames = _FRAMES.value or sample_cfg.frames

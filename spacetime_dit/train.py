@@ -29,6 +29,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
   del argv  # Checked by cli.run.
+  cli.use_fast_cpu_convolutions()
   distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   config, workdir = _CONFIG.value, _WORKDIR.value
   stages.check_config(config)

@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 
+from spacetime_dit import cli
 from spacetime_dit import inference
 from spacetime_dit import video_io
 
@@ -123,3 +124,19 @@ def test_a_mesh_that_does_not_fit_is_a_clear_error(tmp_path):
   )
   assert result.returncode != 0 and re.search(r"needs 3 devices but \d+ are available", result.stderr)
   assert "Traceback" not in result.stderr
+
+
+def test_fast_cpu_convolutions_flag_is_added_once_and_respects_the_user(monkeypatch):
+  monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+  monkeypatch.delenv(cli.KEEP_YNNPACK_ENV, raising=False)
+  cli.use_fast_cpu_convolutions()
+  cli.use_fast_cpu_convolutions()
+  assert os.environ["XLA_FLAGS"] == f"--xla_force_host_platform_device_count=8 {cli.NO_YNNPACK_FLAG}"
+  # A YNNPACK choice already made is kept, and the opt-out keeps XLA's default.
+  monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=dot")
+  cli.use_fast_cpu_convolutions()
+  assert os.environ["XLA_FLAGS"] == "--xla_cpu_experimental_ynn_fusion_type=dot"
+  monkeypatch.setenv("XLA_FLAGS", "")
+  monkeypatch.setenv(cli.KEEP_YNNPACK_ENV, "1")
+  cli.use_fast_cpu_convolutions()
+  assert os.environ["XLA_FLAGS"] == ""

@@ -390,6 +390,7 @@ def evaluate(workdir: str, data: str, *, out: str = "", num_clips: int = 8,
 
 def main(argv):
   del argv  # Checked by cli.run.
+  cli.use_fast_cpu_convolutions()
   chunk = _CHUNK_FRAMES.value
   if chunk < 0:
     raise ValueError(f"--chunk_frames={chunk} must be >= 0 (0: one shot).")

@@ -29,6 +29,7 @@ from spacetime_dit.eval import video_metrics
 from spacetime_dit.models import autoencoder_tiling
 from spacetime_dit.sharding import mesh as mesh_lib
 from spacetime_dit.training import builders
+from spacetime_dit.training import steps
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A finished `experiments/autoencoder.py` run.")
 _CLIP = flags.DEFINE_enum("clip", "carphone", list(real_clips.names()), "Real clip to use.")
@@ -55,10 +56,6 @@ def _psnr_vs(x: np.ndarray, reference: np.ndarray) -> float:
   return round(float(10 * np.log10(data_range**2 / mse)) if mse else float("inf"), 2)
 
 
-def _to_uint8(video: np.ndarray) -> np.ndarray:
-  return np.clip(np.round((video + 1.0) * 127.5), 0, 255).astype(np.uint8)
-
-
 def main(argv):
   del argv
   config = builders.load_config(_WORKDIR.value)
@@ -73,7 +70,7 @@ def main(argv):
   sf = cfg.spatial_factor
   latent_tile = (tile[0] // sf, tile[1] // sf)
   latent_overlap = (overlap[0] // sf, overlap[1] // sf)
-  x = np.asarray(video, np.float32)[None] / 127.5 - 1.0
+  x = np.asarray(steps.video_to_model_range(video[None]))
   chunk_latent = _CHUNK.value // cfg.temporal_factor
 
   mean_ref, _ = autoencoder_tiling.encode(model, params, x)
@@ -85,7 +82,7 @@ def main(argv):
           encode=dict(chunk_frames=_CHUNK.value, tile=tile, overlap=overlap),
           decode=dict(chunk_frames=chunk_latent, tile=latent_tile, overlap=latent_overlap)),
   }
-  rows = {"one-shot": {"video_vs_input_db": round(video_metrics.psnr(_to_uint8(video_ref[0]), video), 2)}}
+  rows = {"one-shot": {"video_vs_input_db": round(video_metrics.psnr(steps.video_from_model_range(video_ref[0]), video), 2)}}
   for name, kwargs in modes.items():
     mean, _ = autoencoder_tiling.encode(model, params, x, **kwargs["encode"])
     decoded = np.asarray(autoencoder_tiling.decode(model, params, mean_ref, **kwargs["decode"]))
@@ -94,7 +91,7 @@ def main(argv):
     rows[name] = {
         "latent_vs_oneshot_db": _psnr_vs(np.asarray(mean), mean_ref),
         "video_vs_oneshot_db": _psnr_vs(decoded, video_ref),
-        "video_vs_input_db": round(video_metrics.psnr(_to_uint8(roundtrip[0]), video), 2),
+        "video_vs_input_db": round(video_metrics.psnr(steps.video_from_model_range(roundtrip[0]), video), 2),
     }
   results = {
       "workdir": _WORKDIR.value, "step": step, "clip": _CLIP.value, "video_thw": list(video.shape[:3]),

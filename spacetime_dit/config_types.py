@@ -139,10 +139,30 @@ class DataConfig:
   max_batch_size: int = 64  # Cap on any bucket's global batch size.
   num_threads: int = 2  # Grain reader threads (processes do not help on small hosts).
   latent_cache_clips: int = 0  # Diffusion stage: clips encoded once and trained on; 0 encodes every step.
+  latent_dir: str = ""  # Diffusion stage: latents from `spacetime_dit.encode_latents` ("" = none).
+  packing: bool = False  # Diffusion stage: NaViT rows of pack_length tokens instead of buckets.
+  pack_length: int = 256  # Tokens per packed row.
+  max_clips_per_pack: int = 16  # Clips (caption slots) per packed row.
+  max_buckets: int = 0  # >0: keep this many bucket shapes, centre-crop other clips into them.
+  num_workers: int = 0  # Grain worker processes (0 = threads).
+  prefetch_to_device: int = 2  # Batches put on the devices ahead of the step (0 = none).
+  tfds_data_dir: str = ""  # data_dir of a "tfds:NAME" source.
+  split: str = "train"  # Split of a prepared directory or TFDS dataset.
 
   def __post_init__(self):
     if self.token_budget < 1:
       raise ValueError(f"data.token_budget must be >= 1, got {self.token_budget}.")
+    for name in ("pack_length", "max_clips_per_pack"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"data.{name} must be >= 1, got {getattr(self, name)}.")
+    for name in ("max_buckets", "num_workers", "prefetch_to_device", "latent_cache_clips"):
+      if getattr(self, name) < 0:
+        raise ValueError(f"data.{name} must be >= 0, got {getattr(self, name)}.")
+    if self.packing and self.token_budget < self.pack_length:
+      raise ValueError(
+          f"data.token_budget={self.token_budget} is below data.pack_length={self.pack_length}:"
+          " a packed batch holds token_budget // pack_length rows, so this gives none. Raise"
+          f" --config.data.token_budget to a multiple of {self.pack_length}.")
     if not self.sizes or not self.lengths:
       raise ValueError(f"data.sizes and data.lengths must be non-empty, got {self.sizes}, {self.lengths}.")
 

@@ -2,13 +2,17 @@
 
 Frames are uint8 RGB (T, H, W, 3) in video frames/height/width. Writers:
 
-- `write_mp4`: H.264 (libx264), decodable by PyAV/ffmpeg. Pixel-format policy: even H and W use
-  yuv420p (plays everywhere: browsers, QuickTime); odd H or W use yuv444p (4:2:0 chroma needs even
-  sizes and H.264 can only crop by 2 pixels there), which keeps the exact (T, H, W) on decode but
-  the "High 4:4:4" profile is not supported by every player. Sizes are never padded or cropped.
+- `write_mp4`: H.264 (libx264), decodable by PyAV/ffmpeg, through the project's one x264 encoder
+  (`data_pipelines.clip_codec.encode_h264`). Pixel-format policy: even H and W use yuv420p (plays
+  everywhere: browsers, QuickTime); odd H or W use yuv444p (4:2:0 chroma needs even sizes and
+  H.264 can only crop by 2 pixels there), which keeps the exact (T, H, W) on decode but the
+  "High 4:4:4" profile is not supported by every player. Sizes are never padded or cropped.
 - `write_gif`: one global 256-colour palette for the clip (exact when the clip has <= 256 colours,
   as ShapesWorld clips do; median cut otherwise). GIF delays are in 1/100 s, so fps is rounded.
 - `write_png`: a single lossless frame.
+
+Every writer replaces its file atomically (`data_pipelines.atomic_files`): an interrupted write
+leaves the old file or none, never half of one.
 
 Readers (`read_video`, `read_image`, `video_info`) raise `VideoReadError` (a ValueError) naming
 the path and the reason for a missing, empty, unreadable or undecodable file, so ingest code can
@@ -21,6 +25,9 @@ from typing import Optional
 
 import av
 import numpy as np
+
+from data_pipelines import atomic_files
+from data_pipelines import clip_codec
 
 
 class VideoReadError(ValueError):
@@ -57,25 +64,20 @@ def _prepare_path(path: str) -> str:
   return path
 
 
-def _encode(path: str, container_format: str, codec: str, frames_thw: np.ndarray,
-            fps: fractions.Fraction, pix_fmt: str, options: dict, to_frame,
-            container_options: Optional[dict] = None) -> None:
-  """Encodes frames (T, H, W, ...) to `path` atomically: no half-written file if interrupted."""
-  height, width = frames_thw.shape[1:3]
-  tmp = f"{path}.tmp{os.getpid()}"
-  try:
-    with av.open(tmp, mode="w", format=container_format,
-                 options=container_options or {}) as container:
-      stream = container.add_stream(codec, rate=fps)
-      stream.width, stream.height, stream.pix_fmt = width, height, pix_fmt
-      stream.options = options
-      for frame in frames_thw:
-        container.mux(stream.encode(to_frame(frame)))
-      container.mux(stream.encode())
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
+def _encode_gif(path: str, index_thw: np.ndarray, fps: fractions.Fraction,
+                argb_p4: np.ndarray) -> None:
+  """Encodes palette indices (T, H, W) with one ARGB palette (256, 4) to a GIF at `path`.
+
+  (The one writer that does not go through `clip_codec.encode_video`: its frames are pal8
+  index planes plus a palette, not RGB.)
+  """
+  height, width = index_thw.shape[1:3]
+  with atomic_files.replacing(path) as tmp, av.open(tmp, mode="w", format="gif") as container:
+    stream = container.add_stream("gif", rate=fps)
+    stream.width, stream.height, stream.pix_fmt = width, height, "pal8"
+    for index_hw in index_thw:
+      container.mux(stream.encode(av.VideoFrame.from_ndarray((index_hw, argb_p4), format="pal8")))
+    container.mux(stream.encode())
 
 
 def write_mp4(path: str, frames_thwc: np.ndarray, fps: float = 8, crf: int = 18,
@@ -91,15 +93,11 @@ def write_mp4(path: str, frames_thwc: np.ndarray, fps: float = 8, crf: int = 18,
   """
   frames = _check_frames(frames_thwc)
   rate = _check_fps(fps)
-  if not 0 <= crf <= 51:
-    raise ValueError(f"crf is {crf}; x264 accepts 0 (best) to 51 (worst), 18 is typical.")
-  _, height, width, _ = frames.shape
-  pix_fmt = "yuv420p" if height % 2 == 0 and width % 2 == 0 else "yuv444p"
-  _encode(_prepare_path(path), "mp4", "libx264", frames, rate, pix_fmt,
-          {"crf": str(crf), "preset": preset},
-          lambda f: av.VideoFrame.from_ndarray(f, format="rgb24"),
-          # moov atom first, so browsers can start playing before the whole file arrives.
-          container_options={"movflags": "+faststart"})
+  clip_codec.check_settings("mp4", crf, preset)
+  with atomic_files.replacing(_prepare_path(path)) as tmp:
+    clip_codec.encode_h264(tmp, frames, fps=rate, crf=crf, preset=preset,
+                           # moov atom first: browsers start playing before the whole file is in.
+                           container_options={"movflags": "+faststart"})
 
 
 def _median_cut(colours_nc: np.ndarray, counts_n: np.ndarray, size: int) -> np.ndarray:
@@ -162,8 +160,7 @@ def write_gif(path: str, frames_thwc: np.ndarray, fps: float = 8) -> None:
   argb = np.zeros((256, 4), dtype=np.uint8)
   argb[:, 0] = 255
   argb[:palette_p3.shape[0], 1:] = palette_p3
-  _encode(_prepare_path(path), "gif", "gif", index_thw, rate, "pal8", {},
-          lambda f: av.VideoFrame.from_ndarray((f, argb), format="pal8"))
+  _encode_gif(_prepare_path(path), index_thw, rate, argb)
 
 
 def write_png(path: str, image_hwc: np.ndarray) -> None:
@@ -172,8 +169,9 @@ def write_png(path: str, image_hwc: np.ndarray) -> None:
   if image.ndim != 3:
     raise ValueError(f"image has shape {image.shape}; write_png needs (H, W, 3).")
   frames = _check_frames(image[None])
-  _encode(_prepare_path(path), "image2", "png", frames, fractions.Fraction(1), "rgb24", {},
-          lambda f: av.VideoFrame.from_ndarray(f, format="rgb24"))
+  with atomic_files.replacing(_prepare_path(path)) as tmp:
+    clip_codec.encode_video(tmp, frames, rate=1, codec="png", pix_fmt="rgb24",
+                            container_format="image2")
 
 
 def _open(path: str):

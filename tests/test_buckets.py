@@ -121,3 +121,107 @@ def test_describe_buckets_renders_one_row_per_bucket():
   assert lines[1].split() == ["1x4x4", "16", "32", "512", f"{buckets[0].weight:.3f}", "10"]
   assert lines[2].split()[:3] == ["3x4x6", "72", "12"]
   assert lines[-1] == "2 buckets, 16 clips"
+
+
+# --- Coarsening: max_buckets and crop-to-bucket --------------------------------------------
+
+
+def test_aspect_error_and_can_crop_follow_their_rules():
+  assert buckets_lib.aspect_error((1, 9, 16), (1, 9, 16)) == 0.0
+  # 16:9 vs 4:3 is 1/3 either way round; 144x256 vs 144x240 is 1/15.
+  assert buckets_lib.aspect_error((1, 144, 256), (1, 144, 192)) == pytest.approx(1 / 3)
+  assert buckets_lib.aspect_error((1, 144, 192), (1, 144, 256)) == pytest.approx(1 / 3)
+  assert buckets_lib.aspect_error((1, 144, 256), (1, 144, 240)) == pytest.approx(1 / 15)
+  ok = dict(aspect_tolerance=0.25, min_kept_area=0.5)
+  assert buckets_lib.can_crop((9, 16, 16), (5, 12, 12), **ok)  # 144/256 = 0.56 of the area
+  assert not buckets_lib.can_crop((9, 16, 16), (5, 8, 8), **ok)  # keeps only 1/4 of the frame
+  assert not buckets_lib.can_crop((5, 16, 16), (9, 16, 16), **ok)  # bucket longer than the clip
+  assert not buckets_lib.can_crop((5, 16, 32), (5, 16, 16), **ok)  # 2:1 into 1:1
+
+
+def test_defaults_crop_nothing():
+  # (9, 16, 16) could be cropped into (5, 12, 12), but without max_buckets or min_count > 1
+  # the buckets are exactly one per fitting shape, as before coarsening existed.
+  buckets, report = _compute([(5, 12, 12)] * 4 + [(9, 16, 16)] * 2, token_budget=3000)
+  assert [(b.shape, b.members) for b in buckets] == [((5, 12, 12), ((5, 12, 12),))]
+  assert report.cropped == () and report.rejected[0].shape == (9, 16, 16)
+
+
+def test_max_buckets_keeps_the_commonest_shapes_and_crops_the_rest_into_the_largest_fit():
+  shapes = (
+      [(1, 4, 4)] * 10 + [(3, 8, 8)] * 6 + [(3, 6, 6)] * 6  # 16, 192, 108 tokens
+      + [(5, 8, 8)] * 2  # -> (3, 8, 8): the largest bucket it contains
+      + [(3, 8, 6)] * 2  # -> (3, 6, 6): aspect 4:3 vs 1:1 is 0.33 > 0.25 -> rejected
+      + [(1, 6, 6)] * 1  # -> (1, 4, 4)? only 0.44 of the area: rejected
+  )
+  buckets, report = _compute(shapes, max_buckets=3, token_budget=2000)
+  # Ties at 6 clips: the shape with more tokens ranks first (both are kept here).
+  assert [b.shape for b in buckets] == [(1, 4, 4), (3, 6, 6), (3, 8, 8)]
+  by_shape = {b.shape: b for b in buckets}
+  assert by_shape[(3, 8, 8)].members == ((3, 8, 8), (5, 8, 8))
+  assert by_shape[(3, 8, 8)].num_clips == 8  # Batch weights count the cropped clips.
+  assert report.clips_per_bucket[(3, 8, 8)] == 8
+  assert [(c.shape, c.bucket, c.num_clips) for c in report.cropped] == [((5, 8, 8), (3, 8, 8), 2)]
+  assert report.cropped[0].pixel_fraction_lost == pytest.approx(1 - 192 / 320)
+  assert "max_buckets=3" in report.cropped[0].reason
+  rejected = {r.shape: r.reason for r in report.rejected}
+  assert set(rejected) == {(3, 8, 6), (1, 6, 6)} and "no bucket to crop it into" in rejected[(3, 8, 6)]
+  assert report.accepted_clips + report.rejected_clips == report.total_clips == len(shapes)
+  # Lost pixels over all accepted native pixels: 2 clips x 128 of 10x16 + 6x192 + 6x108 + 2x320.
+  assert report.crop_pixel_fraction_lost == pytest.approx(256 / (160 + 1152 + 648 + 640))
+  rates = [b.weight * b.batch_size / b.num_clips for b in buckets]
+  assert max(rates) == pytest.approx(min(rates))
+  as_dict = json.loads(json.dumps(report.to_dict()))
+  assert as_dict["cropped"][0]["shape"] == "5x8x8" and as_dict["cropped"][0]["bucket"] == "3x8x8"
+  assert as_dict["cropped_clips"] == 2
+  table = buckets_lib.describe_buckets(buckets)
+  assert "native shapes" in table.splitlines()[0] and table.splitlines()[3].split()[-1] == "2"
+
+
+def test_ties_in_clip_count_prefer_more_tokens():
+  buckets, report = _compute([(1, 4, 4)] * 5 + [(3, 4, 4)] * 5, max_buckets=1)
+  assert [b.shape for b in buckets] == [(3, 4, 4)]
+  assert report.rejected[0].shape == (1, 4, 4)  # Shorter than the bucket: cannot crop up.
+
+
+def test_min_count_crops_rare_shapes_and_oversized_shapes_into_a_bucket():
+  shapes = [(5, 8, 8)] * 6 + [(5, 8, 10)] * 1 + [(9, 12, 12)] * 3  # 9x12x12 = 1296 > budget
+  buckets, report = _compute(shapes, min_count=2, token_budget=1300, max_batch_size=4)
+  assert [b.members for b in buckets] == [((5, 8, 8), (5, 8, 10))]
+  assert report.rejected[0].shape == (9, 12, 12)  # keeps 64/144 < 0.5 of its frame
+  assert "token_budget=1300" in report.rejected[0].reason
+  buckets, report = _compute(shapes, min_count=2, token_budget=1300, max_batch_size=4,
+                             min_kept_area=0.4)
+  assert buckets[0].members == ((5, 8, 8), (5, 8, 10), (9, 12, 12)) and not report.rejected
+  assert buckets[0].num_clips == 10
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        (dict(max_buckets=-1), "max_buckets"),
+        (dict(aspect_tolerance=-0.1), "aspect_tolerance"),
+        (dict(min_kept_area=0.0), "min_kept_area"),
+        (dict(min_kept_area=1.5), "min_kept_area"),
+    ],
+)
+def test_bad_crop_options_raise(overrides, match):
+  with pytest.raises(ValueError, match=match):
+    _compute([(1, 4, 4)] * 3, **overrides)
+
+
+def test_bucket_members_must_contain_the_bucket():
+  bucket = buckets_lib.Bucket(shape=(3, 4, 4), batch_size=4, weight=1.0, num_clips=2,
+                              tokens_per_clip=48, members=((5, 4, 4),))
+  assert bucket.members == ((3, 4, 4), (5, 4, 4))
+  with pytest.raises(ValueError, match="smaller along some axis"):
+    buckets_lib.Bucket(shape=(3, 4, 4), batch_size=4, weight=1.0, num_clips=2,
+                       tokens_per_clip=48, members=((1, 4, 4),))
+
+
+def test_videos_are_never_cropped_into_image_buckets():
+  ok = dict(aspect_tolerance=0.25, min_kept_area=0.5)
+  assert not buckets_lib.can_crop((5, 8, 8), (1, 8, 8), **ok)
+  assert buckets_lib.can_crop((1, 10, 10), (1, 8, 8), **ok)
+  _, report = _compute([(1, 8, 8)] * 5 + [(5, 8, 8)] * 2, max_buckets=1)
+  assert report.rejected[0].shape == (5, 8, 8)

@@ -287,3 +287,173 @@ def test_loader_over_shapesworld():
   restored = make(0)
   restored.set_state(state)
   _assert_batches_equal(_take(restored, 2), expected)
+
+
+# --- Crop-to-bucket and worker processes ----------------------------------------------------
+
+
+class CoordSource:
+  """Clip i's pixel (t, y, x) holds (t, y, x): a test can read off which window it got.
+
+  Picklable (no lock), so grain worker processes can use it. Shapes cycle through `shapes`.
+  """
+
+  def __init__(self, shapes, num_examples=60):
+    self._shapes = tuple(shapes)
+    self._num_examples = num_examples
+
+  def __len__(self):
+    return self._num_examples
+
+  def shape_of(self, index):
+    return self._shapes[index % len(self._shapes)]
+
+  def __getitem__(self, index):
+    t, h, w = self.shape_of(index)
+    video = np.stack(np.meshgrid(np.arange(t), np.arange(h), np.arange(w), indexing="ij"), -1)
+    return {"video": video.astype(np.uint8), "caption": f"clip {index}"}
+
+
+def _cropped_buckets(source):
+  shapes = loader.shapes_of(source, range(len(source)))
+  buckets, report = buckets_lib.compute_buckets(
+      shapes, tokens_per_clip=_tokens, token_budget=2000, batch_multiple=2, max_batch_size=4,
+      max_buckets=1,
+  )
+  return buckets, report
+
+
+def _windows(batch):
+  """(index, first frame, top row, left column) of every clip of a batch."""
+  video = batch["video"].astype(int)
+  return [(int(i), int(v[0, 0, 0, 0]), int(v[0, 0, 0, 1]), int(v[0, 0, 0, 2]))
+          for i, v in zip(batch["index"], video)]
+
+
+@pytest.mark.parametrize("temporal_crop", ["random", "first"])
+def test_larger_clips_are_centre_cropped_to_their_bucket(temporal_crop):
+  source = CoordSource([(5, 8, 8), (5, 8, 8), (9, 10, 10), (9, 11, 10)])
+  buckets, report = _cropped_buckets(source)
+  assert [b.members for b in buckets] == [((5, 8, 8), (9, 10, 10), (9, 11, 10))]
+  assert report.cropped_clips == 30
+  starts = collections.defaultdict(set)
+  for batch in _take(_iterator(source, buckets, temporal_crop=temporal_crop), 40):
+    assert batch["video"].shape[1:] == (5, 8, 8, 3)
+    for (index, t0, top, left), video in zip(_windows(batch), batch["video"].astype(int)):
+      t, h, w = source.shape_of(index)
+      # Centre crop ((11 - 8) // 2 = 1 row above), and a contiguous window of frames.
+      assert (top, left) == ((h - 8) // 2, (w - 8) // 2)
+      np.testing.assert_array_equal(video[:, 0, 0, 0], np.arange(t0, t0 + 5))
+      assert 0 <= t0 <= t - 5
+      starts[index].add(t0)
+  if temporal_crop == "first":
+    assert all(s == {0} for s in starts.values())
+  else:
+    # Long clips get different windows in different epochs (30 clips, ~5 epochs here).
+    long_clips = [i for i in starts if source.shape_of(i)[0] == 9]
+    assert any(len(starts[i]) > 1 for i in long_clips)
+    assert set().union(*(starts[i] for i in long_clips)) == set(range(5))
+
+
+def test_random_windows_are_deterministic_and_restored_exactly():
+  source = CoordSource([(5, 8, 8), (5, 8, 8), (9, 8, 8)])
+  buckets, _ = _cropped_buckets(source)
+  first = _take(_iterator(source, buckets, seed=3), 10)
+  _assert_batches_equal(first, _take(_iterator(source, buckets, seed=3, num_threads=1), 10))
+  iterator = _iterator(source, buckets, seed=3)
+  _take(iterator, 4)
+  restored = _iterator(source, buckets, seed=3)
+  restored.set_state(iterator.get_state())
+  _assert_batches_equal(_take(restored, 6), first[4:])
+
+
+def test_latents_crop_to_the_bucket_latent_prefix_and_centre():
+  # Factors t=2, h=w=4: a (5, 16, 24) video has a (3, 4, 6) latent; bucket (3, 8, 16) -> (2, 2, 4).
+  latent = np.arange(3 * 4 * 6 * 2, dtype=np.float32).reshape(3, 4, 6, 2)
+  cropped = loader.crop_latent(latent, (5, 16, 24), (3, 8, 16))
+  np.testing.assert_array_equal(cropped, latent[:2, 1:3, 1:5])
+  with pytest.raises(ValueError, match="multiples of the autoencoder's factors"):
+    loader.crop_latent(latent, (5, 16, 24), (3, 6, 16))
+
+
+def test_temporal_crop_must_be_known():
+  source = CoordSource([(5, 8, 8)])
+  buckets, _ = _cropped_buckets(source)
+  with pytest.raises(ValueError, match="temporal_crop='middle'"):
+    _iterator(source, buckets, temporal_crop="middle")
+
+
+def test_worker_processes_give_the_same_batches_and_restore_exactly():
+  # 5x8x8 and 3x8x8 get buckets; 9x8x8 clips are cropped (random windows) into 5x8x8.
+  source = CoordSource([(5, 8, 8), (5, 8, 8), (3, 8, 8), (3, 8, 8), (9, 8, 8)])
+  shapes = loader.shapes_of(source, range(len(source)))
+  buckets, _ = buckets_lib.compute_buckets(
+      shapes, tokens_per_clip=_tokens, token_budget=2000, batch_multiple=2, max_batch_size=4,
+      max_buckets=2,
+  )
+  expected = _take(_iterator(source, buckets, seed=5), 8)
+  workers = _iterator(source, buckets, seed=5, num_workers=1)
+  try:
+    got = _take(workers, 4)
+    state = workers.get_state()
+    _assert_batches_equal(got, expected[:4])
+  finally:
+    workers.close()
+  restored = _iterator(source, buckets, seed=5, num_workers=1)
+  try:
+    restored.set_state(state)
+    _assert_batches_equal(_take(restored, 4), expected[4:])
+  finally:
+    restored.close()
+
+
+def test_state_of_another_worker_count_is_a_clear_error():
+  source = TinySource()
+  buckets, _ = _buckets(source)
+  threads = _iterator(source, buckets)
+  _take(threads, 2)
+  one, two = (_iterator(source, buckets, num_workers=n) for n in (1, 2))
+  try:  # set_state checks before any worker starts.
+    with pytest.raises(ValueError, match=r"saved by a pipeline with num_workers=0.*runs with "
+                       r"num_workers=1.*--config.data.num_workers=0"):
+      one.set_state(threads.get_state())
+    with pytest.raises(ValueError, match=r"num_workers=2.*--config.data.num_workers=2"):
+      one.set_state(two.get_state())
+    with pytest.raises(ValueError, match=r"num_workers=1.*--config.data.num_workers=1"):
+      threads.set_state(one.get_state())
+  finally:
+    for iterator in (threads, one, two):
+      iterator.close()
+
+
+def test_stream_ids_are_distinct():
+  streams = {k: v for k, v in vars(loader).items() if k.endswith("_STREAM")}
+  assert len(streams) >= 7 and len(set(streams.values())) == len(streams)
+
+
+def test_latent_sources_are_cropped_in_the_pipeline():
+  class LatentSource:
+    """Latents of a 2x4x4 autoencoder for native videos of (5, 16, 16) and (9, 16, 20)."""
+
+    def __len__(self):
+      return 24
+
+    def shape_of(self, index):
+      return ((5, 16, 16), (5, 16, 16), (9, 16, 20))[index % 3]
+
+    def __getitem__(self, index):
+      t, h, w = self.shape_of(index)
+      latent = np.full((1 + (t - 1) // 2, h // 4, w // 4, 2), index, np.float32)
+      return {"latent": latent, "caption": f"clip {index}", "index": np.int64(index)}
+
+  source = LatentSource()
+  shapes = loader.shapes_of(source, range(len(source)))
+  buckets, report = buckets_lib.compute_buckets(
+      shapes, tokens_per_clip=_tokens, token_budget=10_000, batch_multiple=2, max_batch_size=4,
+      max_buckets=1,
+  )
+  assert report.cropped_clips == 8
+  for batch in _take(_iterator(source, buckets), 6):
+    assert batch["latent"].shape == (4, 3, 4, 4, 2)  # (5, 16, 16) in latent cells
+    for i, latent in zip(batch["index"], batch["latent"]):
+      np.testing.assert_array_equal(latent, i)

@@ -135,15 +135,17 @@ class DiTBlock(nn.Module):
   config: DiTConfig
 
   @nn.compact
-  def __call__(self, x_bld, mod_bl6d, text_bsd, text_mask_bs, positions):
+  def __call__(self, x_bld, mod_bl6d, text_bsd, text_mask_bs, positions, self_mask_bll=None):
     """Applies the block.
 
     Args:
       x_bld: float32 residual stream (B, L, D).
       mod_bl6d: float32 shared modulation (B, L, 6, D) or (B, 1, 6, D).
       text_bsd: text tokens projected to width D (B, S, D).
-      text_mask_bs: bool (B, S).
+      text_mask_bs: bool (B, S), or (B, L, S) per token for packed rows.
       positions: int (L, 3) or (B, L, 3) patch coordinates for rope.
+      self_mask_bll: optional bool (B, L, L): which tokens each token attends to (packed rows:
+        only its own clip).
 
     Returns:
       float32 (B, L, D).
@@ -168,7 +170,7 @@ class DiTBlock(nn.Module):
         attention_impl=cfg.attention_impl,
         dtype=cfg.dtype,
         name="self_attn",
-    )(h, positions)
+    )(h, positions, mask_bll=self_mask_bll)
     x_bld = x_bld + gate_attn * h.astype(jnp.float32)
 
     # Cross-attention is not modulated (PixArt-alpha); its zero output projection keeps the
@@ -196,9 +198,11 @@ class _ScannedBlock(nn.Module):
   config: DiTConfig
 
   @nn.compact
-  def __call__(self, x_bld, mod_bl6d, text_bsd, text_mask_bs, positions):
+  def __call__(self, x_bld, mod_bl6d, text_bsd, text_mask_bs, positions, self_mask_bll):
     block = nn.remat(DiTBlock, prevent_cse=False) if self.config.remat else DiTBlock
-    x_bld = block(self.config, name="block")(x_bld, mod_bl6d, text_bsd, text_mask_bs, positions)
+    x_bld = block(self.config, name="block")(
+        x_bld, mod_bl6d, text_bsd, text_mask_bs, positions, self_mask_bll
+    )
     return x_bld, None
 
 
@@ -270,56 +274,70 @@ class DiT(nn.Module):
     pooled_bd = linear("pooled_proj_2", "float32")(nn.silu(h))
     return text_bsd, mask_bs, pooled_bd[:, None, :]
 
-  @nn.compact
-  def __call__(self, x_bthwc, t, text_ids_bs, text_mask_bs, *, drop_text_b=None):
-    """Predicts the denoiser output for a noisy latent.
-
-    Args:
-      x_bthwc: noisy latent (B, T, H, W, C); T, H, W divisible by the patch size.
-      t: float timesteps in [0, 1], shape (B,) or per token (B, L).
-      text_ids_bs: int (B, S) from HashTokenizer.
-      text_mask_bs: bool (B, S), True at real tokens.
-      drop_text_b: optional bool (B,); True uses the learned null text (classifier-free guidance).
-
-    Returns:
-      float32 (B, T, H, W, C).
-    """
+  def _check_packed(self, x_blp, t, text_ids_bgs, text_mask_bgs, drop_text_bg, positions,
+                    segment_ids_bl):
     cfg = self.config
-    t = jnp.asarray(t, jnp.float32)
-    grid = self._check_inputs(x_bthwc, t, text_ids_bs, text_mask_bs, drop_text_b)
-    positions = patchify_lib.grid_positions(grid)
+    if x_blp.ndim != 3 or x_blp.shape[-1] != cfg.patch_dim:
+      raise ValueError(
+          f"packed DiT input has shape {x_blp.shape}; it needs patch tokens (B, L, P={cfg.patch_dim})"
+          f" (patch {cfg.patch_size} x {cfg.latent_channels} latent channels)."
+      )
+    b, length, _ = x_blp.shape
+    for name, value, shape in (
+        ("segment_ids", segment_ids_bl, (b, length)),
+        ("positions", positions, (b, length, 3)),
+        ("t", t, (b, length)),
+    ):
+      if value is None or tuple(value.shape) != shape:
+        got = None if value is None else tuple(value.shape)
+        raise ValueError(
+            f"packed DiT input: {name} has shape {got}; it must be {shape} for tokens "
+            f"{tuple(x_blp.shape)} (per-token values; see data_pipelines.packing)."
+        )
+    if text_ids_bgs.ndim != 3 or text_ids_bgs.shape[0] != b or text_mask_bgs.shape != text_ids_bgs.shape:
+      raise ValueError(
+          f"packed DiT input: text ids {text_ids_bgs.shape} and mask {text_mask_bgs.shape} must"
+          f" both be (B={b}, G, S): one caption per clip slot of the row."
+      )
+    if drop_text_bg is not None and drop_text_bg.shape != text_ids_bgs.shape[:2]:
+      raise ValueError(
+          f"drop_text has shape {drop_text_bg.shape}; in packed mode it must be (B, G)="
+          f"{text_ids_bgs.shape[:2]}."
+      )
 
-    x_blp = patchify_lib.patchify(x_bthwc.astype(jnp.float32), cfg.patch_size)
-    x_bld = layers.Linear(
-        cfg.width, (axes.PATCH, axes.EMBED), dtype=cfg.dtype, name="patch_embed"
-    )(x_blp)
-    x_bld = _constrain_residual(x_bld.astype(jnp.float32))
-
-    text_bsd, text_mask_bs, pooled_b1d = self._text(text_ids_bs, text_mask_bs, drop_text_b)
+  def _conditioning(self, t, pooled_b1d_or_bld):
+    """c = TimestepMLP(t) + pooled text, (B, 1|L, D); then the shared modulation (B, 1|L, 6, D)."""
+    cfg = self.config
     temb = layers.TimestepEmbedding(cfg.width, cfg.timestep_frequency_dim, name="t_embed")(t)
-    c = (temb[:, None, :] if t.ndim == 1 else temb) + pooled_b1d  # (B, 1|L, D)
-
+    c = (temb[:, None, :] if t.ndim == 1 else temb) + pooled_b1d_or_bld
     w_mod = self.param(
         "shared_modulation",
         nn.with_logical_partitioning(nn.initializers.zeros, (axes.EMBED, axes.MODULATION, None)),
         (cfg.width, 6, cfg.width),
     )
-    mod_bl6d = layers.token_einsum("md,dco->mco", nn.silu(c), w_mod)
+    return c, layers.token_einsum("md,dco->mco", nn.silu(c), w_mod)
 
+  def _trunk(self, x_blp, c, mod_bl6d, text_bsd, text_mask, positions, self_mask_bll):
+    """Patch embedding, the blocks and the final layer: tokens (B, L, P) -> (B, L, P)."""
+    cfg = self.config
+    x_bld = layers.Linear(
+        cfg.width, (axes.PATCH, axes.EMBED), dtype=cfg.dtype, name="patch_embed"
+    )(x_blp)
+    x_bld = _constrain_residual(x_bld.astype(jnp.float32))
     if cfg.scan_blocks:
       x_bld, _ = nn.scan(
           _ScannedBlock,
           variable_axes={"params": 0},
           split_rngs={"params": True},
-          in_axes=(nn.broadcast,) * 4,
+          in_axes=(nn.broadcast,) * 5,
           length=cfg.depth,
           metadata_params={nn.PARTITION_NAME: None},
-      )(cfg, name="blocks")(x_bld, mod_bl6d, text_bsd, text_mask_bs, positions)
+      )(cfg, name="blocks")(x_bld, mod_bl6d, text_bsd, text_mask, positions, self_mask_bll)
     else:
       block_cls = nn.remat(DiTBlock) if cfg.remat else DiTBlock
       for i in range(cfg.depth):
         block = block_cls(cfg, name=f"block_{i}")
-        x_bld = block(x_bld, mod_bl6d, text_bsd, text_mask_bs, positions)
+        x_bld = block(x_bld, mod_bl6d, text_bsd, text_mask, positions, self_mask_bll)
 
     # Final layer (PixArt-alpha T2IFinalLayer): shift/scale = learned table + c, no gate; the
     # zero-initialised projection makes the initial output exactly zero (DiT §3.2).
@@ -337,6 +355,68 @@ class DiT(nn.Module):
         dtype=cfg.dtype,
         name="final_proj",
     )(h)
-    return patchify_lib.unpatchify(
-        out_blp.astype(jnp.float32), grid, cfg.patch_size, cfg.latent_channels
+    return out_blp.astype(jnp.float32)
+
+  @nn.compact
+  def __call__(self, x, t, text_ids, text_mask, *, drop_text_b=None, segment_ids=None,
+               positions=None):
+    """Predicts the denoiser output for a noisy latent, or for a packed row of clips.
+
+    Grid mode (`segment_ids` is None):
+      x: noisy latent (B, T, H, W, C); T, H, W divisible by the patch size.
+      t: float timesteps in [0, 1], shape (B,) or per token (B, L).
+      text_ids, text_mask: int / bool (B, S) from the tokenizer (mask True at real tokens).
+      drop_text_b: optional bool (B,); True uses the learned null text (classifier-free guidance).
+      Returns float32 (B, T, H, W, C).
+
+    Packed mode (NaViT, Dehghani et al. 2023; the batch of `data_pipelines.packing`): several
+    clips of different shapes share one row of L tokens; every token attends only to the
+    tokens and the caption of its own clip, so one compiled program serves every mix of shapes.
+      x: patch tokens (B, L, P), P ordered (pt, ph, pw, C) as `patchify` makes them.
+      t: per-token timesteps (B, L) (each clip's own t, gathered by the caller).
+      text_ids, text_mask: (B, G, S), one caption per clip slot g = segment id - 1.
+      drop_text_b: optional bool (B, G) per slot.
+      segment_ids: int (B, L), 1..G per clip, 0 at padding.
+      positions: int (B, L, 3), each token's (t, h, w) patch coordinate within its clip.
+      Returns float32 (B, L, P); padding tokens carry garbage that the loss must mask out.
+    """
+    if segment_ids is not None:
+      return self._packed(x, t, text_ids, text_mask, drop_text_b, positions, segment_ids)
+    cfg = self.config
+    t = jnp.asarray(t, jnp.float32)
+    grid = self._check_inputs(x, t, text_ids, text_mask, drop_text_b)
+    x_blp = patchify_lib.patchify(x.astype(jnp.float32), cfg.patch_size)
+    text_bsd, text_mask_bs, pooled_b1d = self._text(text_ids, text_mask, drop_text_b)
+    c, mod_bl6d = self._conditioning(t, pooled_b1d)
+    out_blp = self._trunk(
+        x_blp, c, mod_bl6d, text_bsd, text_mask_bs, patchify_lib.grid_positions(grid), None
+    )
+    return patchify_lib.unpatchify(out_blp, grid, cfg.patch_size, cfg.latent_channels)
+
+  def _packed(self, x_blp, t, text_ids_bgs, text_mask_bgs, drop_text_bg, positions,
+              segment_ids_bl):
+    """Packed mode of `__call__` (see there)."""
+    t = jnp.asarray(t, jnp.float32)
+    self._check_packed(x_blp, t, text_ids_bgs, text_mask_bgs, drop_text_bg, positions,
+                       segment_ids_bl)
+    b, g, s = text_ids_bgs.shape
+    drop = None if drop_text_bg is None else drop_text_bg.reshape(b * g)
+    text_bsd, mask_bs, pooled_b1d = self._text(
+        text_ids_bgs.reshape(b * g, s), text_mask_bgs.reshape(b * g, s), drop
+    )
+    # Slot g's caption occupies text positions [g*S, (g+1)*S) of the row; token of segment id
+    # g+1 sees exactly those (and their mask). An empty slot's caption is never seen.
+    text_bsd = text_bsd.reshape(b, g * s, -1)
+    text_segment_bs = jnp.repeat(jnp.arange(1, g + 1, dtype=jnp.int32), s)[None, :]
+    segment_ids_bl = segment_ids_bl.astype(jnp.int32)
+    cross_mask_bls = (segment_ids_bl[:, :, None] == text_segment_bs[:, None, :]) & mask_bs.reshape(
+        b, 1, g * s
+    )
+    self_mask_bll = segment_ids_bl[:, :, None] == segment_ids_bl[:, None, :]
+    # Each token's pooled caption vector is its slot's; padding takes slot 0's (never used).
+    slot_bl = jnp.clip(segment_ids_bl - 1, 0, g - 1)
+    pooled_bld = jnp.take_along_axis(pooled_b1d.reshape(b, g, -1), slot_bl[:, :, None], axis=1)
+    c, mod_bl6d = self._conditioning(t, pooled_bld)
+    return self._trunk(
+        x_blp.astype(jnp.float32), c, mod_bl6d, text_bsd, cross_mask_bls, positions, self_mask_bll
     )

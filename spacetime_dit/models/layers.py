@@ -266,6 +266,7 @@ def dot_product_attention(
     v_bsnk: jnp.ndarray,
     *,
     key_mask_bs: jnp.ndarray | None = None,
+    mask_bls: jnp.ndarray | None = None,
     impl: str = "xla",
 ) -> jnp.ndarray:
   """Softmax attention dispatched on `impl`.
@@ -274,22 +275,35 @@ def dot_product_attention(
     q_blnk: queries (B, L, N, K).
     k_bsnk: keys (B, S, N, K).
     v_bsnk: values (B, S, N, K).
-    key_mask_bs: optional bool (B, S); False keys get no attention weight. A row with no valid
-      key (an empty caption) outputs zeros rather than a uniform average of padding.
+    key_mask_bs: optional bool (B, S); False keys get no attention weight.
+    mask_bls: optional bool (B, L, S) per query and key, e.g. "same packed clip" from segment
+      ids (NaViT, Dehghani et al. 2023); combined with `key_mask_bs` when both are given.
     impl: "xla": `jax.nn.dot_product_attention` with `implementation=None` (XLA picks).
+
+  A query row with no valid key (an empty caption, a padding token of a packed row whose text
+  slot is empty) outputs zeros rather than a uniform average over masked keys.
 
   Returns:
     (B, L, N, K).
   """
   if impl not in ATTENTION_IMPLS:
     raise ValueError(f"attention_impl={impl!r} is unknown; choose one of {ATTENTION_IMPLS}.")
-  if key_mask_bs is None:
+  if key_mask_bs is None and mask_bls is None:
     return jax.nn.dot_product_attention(q_blnk, k_bsnk, v_bsnk, implementation=None)
+  if mask_bls is None:
+    o = jax.nn.dot_product_attention(
+        q_blnk, k_bsnk, v_bsnk, mask=key_mask_bs[:, None, None, :], implementation=None
+    )
+    any_key_b = key_mask_bs.any(axis=-1)
+    return jnp.where(any_key_b[:, None, None, None], o, jnp.zeros_like(o))
+  if key_mask_bs is not None:
+    mask_bls = mask_bls & key_mask_bs[:, None, :]
+  mask_bls = mask_bls.astype(bool)
   o = jax.nn.dot_product_attention(
-      q_blnk, k_bsnk, v_bsnk, mask=key_mask_bs[:, None, None, :], implementation=None
+      q_blnk, k_bsnk, v_bsnk, mask=mask_bls[:, None, :, :], implementation=None
   )
-  any_key_b = key_mask_bs.any(axis=-1)
-  return jnp.where(any_key_b[:, None, None, None], o, jnp.zeros_like(o))
+  any_key_bl = mask_bls.any(axis=-1)
+  return jnp.where(any_key_bl[:, :, None, None], o, jnp.zeros_like(o))
 
 
 def _constrain_heads(x: jnp.ndarray, token_axis: str) -> jnp.ndarray:
@@ -326,8 +340,10 @@ class SelfAttention(nn.Module):
       x_bld: jnp.ndarray,
       positions: jnp.ndarray | None = None,
       key_mask_bl: jnp.ndarray | None = None,
+      mask_bll: jnp.ndarray | None = None,
   ) -> jnp.ndarray:
-    """Args: x (B, L, D); positions int (L, 3) or (B, L, 3) when rope is on; key mask (B, L).
+    """Args: x (B, L, D); positions int (L, 3) or (B, L, 3) when rope is on; key mask (B, L);
+    mask_bll bool (B, L, L) per query and key (packed clips attend only within themselves).
 
     Returns: (B, L, D) in `dtype`.
     """
@@ -357,7 +373,8 @@ class SelfAttention(nn.Module):
       dims = rope_axes_dims(k)
       q = apply_rope(q, positions, dims, self.rope_theta)
       kk = apply_rope(kk, positions, dims, self.rope_theta)
-    o = dot_product_attention(q, kk, v, key_mask_bs=key_mask_bl, impl=self.attention_impl)
+    o = dot_product_attention(
+        q, kk, v, key_mask_bs=key_mask_bl, mask_bls=mask_bll, impl=self.attention_impl)
     return token_einsum("mnk,nkd->md", o, w_out.astype(self.dtype))
 
 
@@ -386,7 +403,8 @@ class CrossAttention(nn.Module):
   def __call__(
       self, x_bld: jnp.ndarray, context_bsd: jnp.ndarray, context_mask_bs: jnp.ndarray
   ) -> jnp.ndarray:
-    """Args: x (B, L, D); context (B, S, D); context mask bool (B, S). Returns (B, L, D)."""
+    """Args: x (B, L, D); context (B, S, D); context mask bool (B, S), or (B, L, S) per query
+    (a packed row's tokens see only their own clip's caption). Returns (B, L, D)."""
     d, n, k = x_bld.shape[-1], self.num_heads, self.head_dim
     w_q = self.param(
         "q",
@@ -415,7 +433,10 @@ class CrossAttention(nn.Module):
     if self.qk_norm:
       q = RMSNorm(dtype=self.dtype, name="q_norm")(q)
       kk = RMSNorm(dtype=self.dtype, name="k_norm")(kk)
-    o = dot_product_attention(q, kk, v, key_mask_bs=context_mask_bs, impl=self.attention_impl)
+    if context_mask_bs.ndim == 3:
+      o = dot_product_attention(q, kk, v, mask_bls=context_mask_bs, impl=self.attention_impl)
+    else:
+      o = dot_product_attention(q, kk, v, key_mask_bs=context_mask_bs, impl=self.attention_impl)
     return token_einsum("mnk,nkd->md", o, w_out.astype(self.dtype))
 
 

@@ -5,10 +5,12 @@ restores the sharded state (a workdir with checkpoints resumes), and hands a jit
 to the shared loop.
 """
 
+import dataclasses
 import functools
 import logging
 import math
 import os
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -16,11 +18,15 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax.experimental import multihost_utils
 
+from data_pipelines import loader
+from data_pipelines import packing
 from spacetime_dit import config_types
 from spacetime_dit import inference
 from spacetime_dit import video_io
 from spacetime_dit.models import autoencoder as autoencoder_lib
+from spacetime_dit.models import patchify as patchify_lib
 from spacetime_dit.sharding import mesh as mesh_lib
 from spacetime_dit.training import builders
 from spacetime_dit.training import checkpointing
@@ -103,9 +109,18 @@ def _jit_step(step_fn, state_shardings, mesh, rules, batch_ndims: dict[str, int]
   )
 
 
-def _no_text(captions):
-  """The autoencoder ignores captions; one padding token keeps the batch layout uniform."""
-  return np.zeros((len(captions), 1), np.int32), np.zeros((len(captions), 1), bool)
+def shape_check(ae_cfg, patch=(1, 1, 1)):
+  """(T, H, W) -> None if the autoencoder (and a DiT patch) can take a clip of that shape,
+  else the rule it breaks (for `data_lib.usable_indices`)."""
+
+  def check(shape):
+    try:
+      patchify_lib.patch_grid(autoencoder_lib.latent_shape(ae_cfg, *shape), patch)
+    except ValueError as e:
+      return str(e)
+    return None
+
+  return check
 
 
 def train_autoencoder(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -119,31 +134,35 @@ def train_autoencoder(config: ml_collections.ConfigDict, workdir: str) -> None:
       data_cfg,
       tokens_per_clip=math.prod,
       batch_multiple=mesh_lib.batch_axis_size(mesh, rules),
-      tokenize=_no_text,
+      tokenize=data_lib.no_text,
       process_index=jax.process_index(),
       process_count=jax.process_count(),
+      check_shape=shape_check(model.config),
   )
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    state = _start_state(checkpointer, abstract, iterator, init_params, tx, mesh, rules, config.seed)
-    step_fn = _jit_step(
-        functools.partial(
-            steps.autoencoder_step, model=model, discriminator=discriminator, tx=tx, schedule=schedule,
-            loss=loss,
-        ),
-        shardings, mesh, rules, {"video": 5},
-    )
-    ctx = loop.LoopContext(
-        train=train, mesh=mesh, rules=rules, checkpointer=checkpointer, writer=writer,
-        batch_keys=("video",), tokens_per_batch=lambda b: int(b["video"].shape[0] * math.prod(b["video"].shape[1:4])),
-        description="autoencoder",
-    )
-    state = loop.run(state, step_fn, {}, iterator, ctx)
-    ae_params = builders.autoencoder_params(state.params)
-    mean, std = _latent_statistics(model, ae_params, data_cfg, config.latent_stats_clips)
-  _write_reconstruction(model, ae_params, data_cfg, workdir)
-  builders.save_latent_stats(workdir, mean, std)
-  checkpointer.close()
-  writer.close()
+  try:
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+      state = _start_state(checkpointer, abstract, iterator, init_params, tx, mesh, rules, config.seed)
+      step_fn = _jit_step(
+          functools.partial(
+              steps.autoencoder_step, model=model, discriminator=discriminator, tx=tx, schedule=schedule,
+              loss=loss,
+          ),
+          shardings, mesh, rules, {"video": 5},
+      )
+      ctx = loop.LoopContext(
+          train=train, mesh=mesh, rules=rules, checkpointer=checkpointer, writer=writer,
+          batch_keys=("video",), tokens_per_batch=lambda b: int(b["video"].shape[0] * math.prod(b["video"].shape[1:4])),
+          description="autoencoder", prefetch=data_cfg.prefetch_to_device,
+      )
+      state = loop.run(state, step_fn, {}, iterator, ctx)
+      ae_params = builders.autoencoder_params(state.params)
+      mean, std = _latent_statistics(model, ae_params, data_cfg, config.latent_stats_clips)
+    _write_reconstruction(model, ae_params, data_cfg, workdir)
+    builders.save_latent_stats(workdir, mean, std)
+  finally:
+    iterator.close()  # Stops grain worker processes, if any (also when training fails).
+    checkpointer.close()
+    writer.close()
 
 
 def _latent_statistics(model, params, data_cfg, num_clips, batch_size=8) -> tuple[np.ndarray, np.ndarray]:
@@ -151,13 +170,14 @@ def _latent_statistics(model, params, data_cfg, num_clips, batch_size=8) -> tupl
 
   The DiT trains on `(z - mean) / std`, so every latent channel enters the diffusion at
   unit scale whatever the autoencoder learned (as in SD3's and Wan's latent scaling). The
-  clips all have the longest native length and the first native size, so the encoder
-  compiles once; the statistics are per channel and do not depend on the frame size.
+  clips all have the data's most common native shape, so the encoder compiles once; the
+  statistics are per channel and do not depend on the frame size.
   """
   source = data_lib.make_source(data_cfg)
-  batch_size = min(batch_size, num_clips)
-  shape = (max(data_cfg.lengths), *data_cfg.sizes[0])
-  indices = [i for i in range(50 * num_clips) if source.shape_of(i) == shape][:num_clips]
+  candidates, shapes = data_lib.training_indices(data_cfg, source, 50 * num_clips)
+  candidates, shapes = data_lib.usable_indices(list(candidates), shapes, shape_check(model.config))
+  shape, indices = data_lib.common_shape_indices(candidates, shapes, num_clips)
+  batch_size = max(1, min(batch_size, len(indices)))
 
   @jax.jit
   def moments(params, video):
@@ -172,12 +192,13 @@ def _latent_statistics(model, params, data_cfg, num_clips, batch_size=8) -> tupl
     count, total, total_sq = count + n, total + np.float64(s), total_sq + np.float64(sq)
   if not count:
     raise ValueError(
-        f"found no {shape} clips among the first {50 * num_clips} examples to measure latent"
-        " statistics; raise latent_stats_clips or check data.sizes / data.lengths."
+        f"found no training clips to measure latent statistics (data.source={data_cfg.source!r},"
+        f" most common shape {shape}); raise latent_stats_clips or check the data."
     )
   mean = total / count
   std = np.sqrt(np.maximum(total_sq / count - mean**2, 1e-12))
-  logging.info("latent mean %s std %s", np.round(mean, 3), np.round(std, 3))
+  logging.info("latent mean %s std %s (%d clips of %s)", np.round(mean, 3), np.round(std, 3),
+               len(indices), shape)
   return mean.astype(np.float32), std.astype(np.float32)
 
 
@@ -187,7 +208,9 @@ def _write_reconstruction(model, params, data_cfg, workdir) -> None:
   Every process computes (the parameters may span them all); process 0 writes.
   """
   source = data_lib.make_source(data_cfg)
-  index = next(i for i in range(1000) if source.shape_of(i)[0] == max(data_cfg.lengths))
+  candidates, shapes = data_lib.training_indices(data_cfg, source, 200)
+  candidates, shapes = data_lib.usable_indices(list(candidates), shapes, shape_check(model.config))
+  index = int(candidates[max(range(len(shapes)), key=lambda k: (shapes[k][0], -k))])
   video = source[index]["video"]
   recon, _, _ = model.apply(
       {"params": params}, steps.video_to_model_range(jnp.asarray(video[None])), sample_posterior=False
@@ -199,20 +222,108 @@ def _write_reconstruction(model, params, data_cfg, workdir) -> None:
   video_io.write_mp4(os.path.join(workdir, "samples", "reconstruction.mp4"), np.concatenate([video, recon], axis=2))
 
 
-def _latent_cache(autoencoder, ae_params, ae_step, ae_dir, data_cfg, workdir, mesh, rules):
-  """Encodes the diffusion stage's training clips once (see `latent_cache`)."""
+def _latent_cache(autoencoder, ae_params, ae_step, ae_dir, data_cfg, workdir, rules):
+  """Encodes the diffusion stage's training clips once into W/latents (see `latent_cache`).
+
+  Every process encodes its own share of the clips on its own devices and writes its shard.
+  """
   video_source = data_lib.make_source(data_cfg)
   indices, _ = data_lib.training_indices(data_cfg, video_source, data_cfg.latent_cache_clips)
+  indices, _ = data_lib.usable_indices(
+      list(indices), loader.shapes_of(video_source, indices), shape_check(autoencoder.config)
+  )
+  ae_dir = os.path.abspath(ae_dir)
+  # Collective when the parameters span processes: every process gets here together.
+  encode = latent_cache.make_local_encoder(autoencoder, ae_params, rules=rules)
+  return latent_cache.build(
+      video_source, indices, encode,
+      fingerprint=latent_cache.fingerprint(
+          data=latent_cache.describe_data(data_cfg, video_source), autoencoder=ae_dir,
+          autoencoder_step=ae_step,
+      ),
+      directory=os.path.join(workdir, latent_cache.DIRECTORY),
+      process_index=jax.process_index(), process_count=jax.process_count(),
+      barrier=multihost_utils.sync_global_devices if jax.process_count() > 1 else None,
+      info=latent_cache.autoencoder_info(ae_dir, ae_step, autoencoder.config),
+  )
 
-  encode = jax.jit(functools.partial(steps.encode_video, autoencoder, ae_params))
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    return latent_cache.build(
-        video_source, indices, encode,
-        fingerprint=latent_cache.fingerprint(
-            data=data_cfg, autoencoder=os.path.abspath(ae_dir), autoencoder_step=ae_step
-        ),
-        path=os.path.join(workdir, latent_cache.FILE), write=jax.process_index() == 0,
+
+def _latent_source(autoencoder, ae_params, ae_step, ae_dir, data_cfg, workdir, rules):
+  """The diffusion stage's latent clips: encoded ahead of time, cached here, or None
+  (the step then encodes every batch)."""
+  if data_cfg.latent_dir:
+    return latent_cache.open_encoded(
+        data_cfg.latent_dir, ae_dir=os.path.abspath(ae_dir), ae_step=ae_step,
+        config=autoencoder.config,
     )
+  if data_cfg.latent_cache_clips:
+    return _latent_cache(autoencoder, ae_params, ae_step, ae_dir, data_cfg, workdir, rules)
+  if data_cfg.packing:
+    raise ValueError(
+        "data.packing=True packs latent clips, but this run has none: set"
+        " --config.data.latent_cache_clips=N (encode N clips once in this run) or"
+        " --config.data.latent_dir=DIR (from `python -m spacetime_dit.encode_latents`)."
+    )
+  return None
+
+
+@dataclasses.dataclass(frozen=True)
+class _DitData:
+  """The diffusion stage's data: iterator, the step that reads it, and its batch layout."""
+
+  iterator: Any
+  step: Callable
+  batch_ndims: dict[str, int]  # Field -> rank, the fields the jitted step takes.
+  tokens_per_batch: Callable[[Any], int]  # Real (non-padding) tokens of a host batch.
+
+
+def _dit_data(data_cfg, *, model, autoencoder, source, tokenizer, diffusion, tx,
+              schedule, mesh, rules) -> _DitData:
+  """Bucketed clips (videos or latents) or packed latent rows, with the matching step."""
+  ae_cfg = autoencoder.config
+  patch = model.config.patch_size
+  batch_multiple = mesh_lib.batch_axis_size(mesh, rules)
+  if data_cfg.packing:
+    rows = data_cfg.token_budget // data_cfg.pack_length
+    if rows % batch_multiple:
+      raise ValueError(
+          f"data.token_budget // data.pack_length = {rows} packed rows per batch, not a multiple"
+          f" of the {batch_multiple} data-parallel shards; set --config.data.token_budget to a"
+          f" multiple of {batch_multiple * data_cfg.pack_length}."
+      )
+    iterator = packing.make_packed_iterator(
+        source, patch_size=patch, seq_len=data_cfg.pack_length,
+        max_segments=data_cfg.max_clips_per_pack, rows_per_batch=rows // jax.process_count(),
+        seed=data_cfg.seed, tokenize=tokenizer, indices=source.indices,
+        latent_shape_of=lambda shape: autoencoder_lib.latent_shape(ae_cfg, *shape),
+        process_index=jax.process_index(), process_count=jax.process_count(),
+        num_threads=data_cfg.num_threads, num_workers=data_cfg.num_workers,
+    )
+    step = functools.partial(
+        steps.dit_packed_step, model=model, diffusion=diffusion, tx=tx, schedule=schedule
+    )
+    ndims = {"tokens": 3, "positions": 3, "segment_ids": 2, "text_ids": 3, "text_mask": 3, "grid": 3}
+    return _DitData(iterator, step, ndims, lambda b: int(np.count_nonzero(b["segment_ids"])))
+
+  tokens_per_clip = data_lib.dit_tokens_per_clip(ae_cfg, patch)
+
+  def tokens_per_batch(batch):
+    if "latent" in batch:
+      return len(batch["latent"]) * math.prod(n // p for n, p in zip(batch["latent"].shape[1:4], patch))
+    return len(batch["video"]) * tokens_per_clip(batch["video"].shape[1:4])
+
+  iterator, _ = data_lib.make_iterator(
+      data_cfg, tokens_per_clip=tokens_per_clip, batch_multiple=batch_multiple,
+      tokenize=tokenizer, process_index=jax.process_index(), process_count=jax.process_count(),
+      source=source, indices=None if source is None else source.indices,
+      check_shape=shape_check(ae_cfg, patch),
+  )
+  step = functools.partial(
+      steps.dit_step, model=model, autoencoder=autoencoder, patch_size=patch, diffusion=diffusion,
+      tx=tx, schedule=schedule,
+  )
+  field = "video" if source is None else "latent"
+  return _DitData(iterator, step, {field: 5, "text_ids": 2, "text_mask": 2}, tokens_per_batch)
 
 
 def train_dit(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -235,38 +346,15 @@ def train_dit(config: ml_collections.ConfigDict, workdir: str) -> None:
   model, init_params, tokenizer = builders.build_dit(config, ae_cfg.latent_channels)
   tx, schedule = builders.build_optimizer(config)
   checkpointer, writer, abstract, shardings = _setup(config, workdir, init_params, tx, mesh, rules, train)
-  patch = model.config.patch_size
-
-  def tokens_per_clip(shape):
-    return math.prod(n // p for n, p in zip(autoencoder_lib.latent_shape(ae_cfg, *shape), patch))
-
-  def tokens_per_batch(batch):
-    if "latent" in batch:
-      return len(batch["latent"]) * math.prod(n // p for n, p in zip(batch["latent"].shape[1:4], patch))
-    return len(batch["video"]) * tokens_per_clip(batch["video"].shape[1:4])
-
   frozen = {
       "autoencoder": ae_params,
       "latent_mean": jax.device_put(latent_mean, mesh_lib.replicated(mesh)),
       "latent_std": jax.device_put(latent_std, mesh_lib.replicated(mesh)),
   }
-  source, indices, batch_keys = None, None, ("video", "text_ids", "text_mask")
-  if data_cfg.latent_cache_clips:
-    source = _latent_cache(autoencoder, ae_params, ae_step, ae_dir, data_cfg, workdir, mesh, rules)
-    indices, batch_keys = source.indices, ("latent", "text_ids", "text_mask")
-  iterator, _ = data_lib.make_iterator(
-      data_cfg,
-      tokens_per_clip=tokens_per_clip,
-      batch_multiple=mesh_lib.batch_axis_size(mesh, rules),
-      tokenize=tokenizer,
-      process_index=jax.process_index(),
-      process_count=jax.process_count(),
-      source=source,
-      indices=indices,
-  )
-  step = functools.partial(
-      steps.dit_step, model=model, autoencoder=autoencoder, patch_size=patch, diffusion=diffusion,
-      tx=tx, schedule=schedule,
+  source = _latent_source(autoencoder, ae_params, ae_step, ae_dir, data_cfg, workdir, rules)
+  data = _dit_data(
+      data_cfg, model=model, autoencoder=autoencoder, source=source, tokenizer=tokenizer,
+      diffusion=diffusion, tx=tx, schedule=schedule, mesh=mesh, rules=rules,
   )
 
   # One generator for every periodic sample: its jitted sampler compiles once and only
@@ -284,16 +372,18 @@ def train_dit(config: ml_collections.ConfigDict, workdir: str) -> None:
         width=sample_cfg.width, seed=sample_cfg.seed, fps=sample_cfg.fps, progress=False,
     )
 
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    state = _start_state(checkpointer, abstract, iterator, init_params, tx, mesh, rules, config.seed)
-    step_fn = _jit_step(step, shardings, mesh, rules, {batch_keys[0]: 5, "text_ids": 2, "text_mask": 2})
-    ctx = loop.LoopContext(
-        train=train, mesh=mesh, rules=rules, checkpointer=checkpointer, writer=writer,
-        batch_keys=batch_keys,
-        tokens_per_batch=tokens_per_batch,
-        on_sample=on_sample, description="dit",
-    )
-    state = loop.run(state, step_fn, frozen, iterator, ctx)
-    on_sample(state, int(jax.device_get(state.step)))
-  checkpointer.close()
-  writer.close()
+  try:
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+      state = _start_state(checkpointer, abstract, data.iterator, init_params, tx, mesh, rules, config.seed)
+      step_fn = _jit_step(data.step, shardings, mesh, rules, data.batch_ndims)
+      ctx = loop.LoopContext(
+          train=train, mesh=mesh, rules=rules, checkpointer=checkpointer, writer=writer,
+          batch_keys=tuple(data.batch_ndims), tokens_per_batch=data.tokens_per_batch,
+          on_sample=on_sample, description="dit", prefetch=data_cfg.prefetch_to_device,
+      )
+      state = loop.run(state, step_fn, frozen, data.iterator, ctx)
+      on_sample(state, int(jax.device_get(state.step)))
+  finally:
+    data.iterator.close()  # Stops grain worker processes, if any (also when training fails).
+    checkpointer.close()
+    writer.close()

@@ -1,6 +1,6 @@
 """Throughput of the bucketed Grain loader against what the train step consumes.
 
-  python -m benchmarks.data_loader --out=/tmp/data_loader.json     # a fresh clone: no run needed
+  python -m benchmarks.data_loader --out=runs/bench/data_loader.json     # a fresh clone: no run needed
   python -m benchmarks.data_loader --metrics=W/autoencoder/metrics.jsonl,W/metrics.jsonl
   python -m benchmarks.data_loader --workdirs=runs/qs2/autoencoder,runs/qs2 --data_wait
   python -m benchmarks.data_loader --data=PREPARED_DIR --token_budget=N

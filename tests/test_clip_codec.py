@@ -11,10 +11,7 @@ from spacetime_dit.eval import video_metrics
 @pytest.fixture(scope="module")
 def carphone():
   """Real camera footage: uint8 (33, 144, 176, 3)."""
-  try:
-    return real_clips.load("carphone", temporal_factor=4, spatial_factor=16, max_frames=33)
-  except real_clips.RealClipsUnavailable as e:
-    pytest.skip(str(e))
+  return real_clips.load("carphone", temporal_factor=4, spatial_factor=16, max_frames=33)
 
 
 def _noise(shape, seed=0):

@@ -29,11 +29,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(scope="module")
 def footage():
   """Real camera frames: carphone (T, 144, 176, 3) and bikes (T, 272, 640, 3) uint8."""
-  try:
-    return {"carphone": video_io.read_video(real_clips.clip_path("carphone"), max_frames=40),
-            "bikes": video_io.read_video(real_clips.clip_path("bikes"), max_frames=40)}
-  except real_clips.RealClipsUnavailable as e:
-    pytest.skip(str(e))
+  return {"carphone": video_io.read_video(real_clips.clip_path("carphone"), max_frames=40),
+          "bikes": video_io.read_video(real_clips.clip_path("bikes"), max_frames=40)}
 
 
 def _video(folder, name, frames, fps, caption):
@@ -150,10 +147,7 @@ def test_end_to_end_report_and_every_clip_readable(tmp_path, footage):
 def test_demo_folder_at_default_options(tmp_path):
   """The ingest helper's demo folder: every container/codec/fps/rotation case + every bad kind."""
   from data_pipelines import demo_folder  # pylint: disable=g-import-not-at-top
-  try:
-    expected = demo_folder.make_demo_folder(str(tmp_path / "demo"))
-  except real_clips.RealClipsUnavailable as e:
-    pytest.skip(str(e))
+  expected = demo_folder.make_demo_folder(str(tmp_path / "demo"))
   out = str(tmp_path / "out")
   report = prepare.prepare(str(tmp_path / "demo"), out, num_workers=2, progress=False)
   assert {s["path"]: s["reason"] for s in report["skipped"]} == expected["expected_skips"]

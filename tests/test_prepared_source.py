@@ -24,11 +24,8 @@ OPTIONS = ingest.IngestOptions(fps=8.0, max_frames=9, frame_multiple=4, size_mul
 
 def _make_folder(folder) -> dict[str, str]:
   """Five captioned real clips of three sizes; returns {path: caption}."""
-  try:
-    car = video_io.read_video(real_clips.clip_path("carphone"), max_frames=30)
-    bikes = video_io.read_video(real_clips.clip_path("bikes"), max_frames=30)
-  except real_clips.RealClipsUnavailable as e:
-    pytest.skip(str(e))
+  car = video_io.read_video(real_clips.clip_path("carphone"), max_frames=30)
+  bikes = video_io.read_video(real_clips.clip_path("bikes"), max_frames=30)
   clips = {"car_a.mp4": car[:20], "car_b.mp4": car[5:30], "bikes.mp4": bikes[:24, :, 100:400],
            "crop/tall.mp4": car[:12, :, 30:100], "crop/bikes_b.mp4": bikes[3:20, 50:250, :]}
   captions = {}

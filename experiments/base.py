@@ -48,6 +48,17 @@ def get_config(variant: str = "cpu") -> ml_collections.ConfigDict:
   config.model.num_heads = heads  # N; head dim K = D / N.
   config.model.mlp_ratio = 4.0  # F / D of the gated MLP.
   config.model.patch_size = (1, 2, 2)  # Latent (t, h, w) cells per token.
+  # Per-block jax.checkpoint policy: none | full | dots | dots_no_batch (dit.REMAT_POLICIES).
+  config.model.remat_policy = "none" if cpu else "full"
+  # nn.scan over blocks: one compiled block; on XLA:CPU remat saves memory only when scanned.
+  config.model.scan_blocks = not cpu
+  # "full" spacetime self-attention, or "factorised" spatial-then-temporal (an ablation; grid
+  # batches only, not data.packing).
+  config.model.attention_layout = "full"
+  # xla | cudnn (GPU, bf16) | chunked (memory-bounded, any backend) | splash (TPU).
+  config.model.attention_impl = "xla" if cpu else "chunked"
+  # none | ulysses | ring: self-attention over tokens split on the mesh axis `sequence`.
+  config.model.sequence_parallel = "none"
   config.model.text = ml_collections.ConfigDict()
   config.model.text.vocab_size = vocab  # Hash buckets of the word tokenizer.
   config.model.text.max_length = text_len  # S.

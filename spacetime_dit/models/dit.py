@@ -35,6 +35,30 @@ from spacetime_dit.sharding import axes
 
 DTYPES = ("float32", "bfloat16")
 
+# What each block keeps for the backward pass (`jax.checkpoint` policies,
+# https://docs.jax.dev/en/latest/gradient-checkpointing.html):
+#   "none": no remat; every intermediate is stored (fastest, most memory).
+#   "full": only the block input is stored; the whole block is recomputed in the backward pass
+#     (about +1/3 FLOPs per step; activation memory is one (B, L, D) per block).
+#   "dots": matmul outputs are stored, elementwise work (norms, rope, activations) is recomputed.
+#     Attention logits are a (batched) matmul too, so they are stored: memory grows as L^2.
+#   "dots_no_batch": only matmuls without batch dimensions are stored, i.e. the projections of
+#     tokens by weights; attention's (B, N, L, S) logits are recomputed, so memory stays linear in
+#     L while the expensive projections are not redone (the usual LLM setting, cf. MaxText's
+#     "minimal" / Megatron's selective recomputation, Korthikanti et al. 2022).
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+ATTENTION_LAYOUTS = ("full", "factorised")
+SEQUENCE_PARALLEL = ("none", "ulysses", "ring")
+
+
+def checkpoint_policy(name: str):
+  """The `jax.checkpoint` policy of a `DiTConfig.remat_policy` other than "none" (None = full)."""
+  return {
+      "full": None,
+      "dots": jax.checkpoint_policies.dots_saveable,
+      "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+  }[name]
+
 
 @dataclasses.dataclass(frozen=True)
 class DiTConfig:
@@ -54,7 +78,16 @@ class DiTConfig:
   timestep_frequency_dim: int = 256  # sinusoidal features of t before the timestep MLP.
   attention_impl: str = "xla"  # see layers.ATTENTION_IMPLS.
   dtype: str = "float32"  # compute dtype ("float32" or "bfloat16"); params are always float32.
-  remat: bool = False  # rematerialise each block in the backward pass (saves activation memory).
+  remat_policy: str = "none"  # what each block stores for the backward pass; REMAT_POLICIES.
+  remat: bool = False  # deprecated: True means remat_policy="full" (when that is left "none").
+  # "full": one spacetime self-attention over all L tokens; "factorised": spatial attention
+  # within each latent frame, then temporal attention across frames (grid mode only).
+  attention_layout: str = "full"
+  # Self-attention over tokens split along the mesh axis `sequence` (models/sequence_parallel.py):
+  # "none" (GSPMD decides), "ulysses" (all-to-all to heads split; num_heads must be a multiple
+  # of tensor x sequence) or "ring" (key/value blocks passed around the ring; any num_heads).
+  # Ulysses and ring are no-ops off-mesh or with a sequence axis of size 1.
+  sequence_parallel: str = "none"
   scan_blocks: bool = False  # nn.scan over blocks: one compiled block, params stacked on axis 0.
 
   def __post_init__(self):
@@ -84,6 +117,29 @@ class DiTConfig:
       raise ValueError(
           f"DiTConfig.attention_impl={self.attention_impl!r}; "
           f"choose one of {layers.ATTENTION_IMPLS}."
+      )
+    if self.remat_policy not in REMAT_POLICIES:
+      raise ValueError(
+          f"DiTConfig.remat_policy={self.remat_policy!r}; choose one of {REMAT_POLICIES}."
+      )
+    if self.remat and self.remat_policy == "none":
+      # The old boolean keeps working: configs and checkpoints written before remat_policy.
+      object.__setattr__(self, "remat_policy", "full")
+    if self.attention_layout not in ATTENTION_LAYOUTS:
+      raise ValueError(
+          f"DiTConfig.attention_layout={self.attention_layout!r}; "
+          f"choose one of {ATTENTION_LAYOUTS}."
+      )
+    if self.sequence_parallel not in SEQUENCE_PARALLEL:
+      raise ValueError(
+          f"DiTConfig.sequence_parallel={self.sequence_parallel!r}; "
+          f"choose one of {SEQUENCE_PARALLEL}."
+      )
+    if self.sequence_parallel != "none" and self.attention_layout != "full":
+      raise ValueError(
+          f"DiTConfig.sequence_parallel={self.sequence_parallel!r} needs attention_layout='full'"
+          f" (got {self.attention_layout!r}); use sequence_parallel='none' for the factorised"
+          " layout."
       )
     if self.dtype not in DTYPES:
       raise ValueError(f"DiTConfig.dtype={self.dtype!r}; choose one of {DTYPES}.")
@@ -133,9 +189,55 @@ class DiTBlock(nn.Module):
   """
 
   config: DiTConfig
+  grid: tuple[int, int, int] | None = None  # (T', H', W') token grid; factorised layout only.
+
+  def _attention(self, name, x_bld, positions):
+    cfg = self.config
+    return layers.SelfAttention(
+        cfg.num_heads,
+        cfg.head_dim,
+        qk_norm=cfg.qk_norm,
+        rope_theta=cfg.rope_theta,
+        attention_impl=cfg.attention_impl,
+        dtype=cfg.dtype,
+        name=name,
+    )(x_bld, positions)
+
+  def _factorised_attention(self, h_bld, x_bld, shift, scale, gate):
+    """Spatial attention within each frame, then temporal attention across frames.
+
+    The STDiT block of Open-Sora 1.0 (hpcaitech/Open-Sora, opensora/models/stdit/stdit.py) and
+    Latte's spatial/temporal split (Ma et al. 2024): a (T'H'W')^2 attention becomes
+    T' (H'W')^2 + H'W' T'^2. Both residual updates share the block's attention shift, scale and
+    gate, as STDiT's do; unlike STDiT the temporal step reads a normalised, modulated residual
+    (its input is otherwise the raw stream), so both attention inputs have unit scale.
+
+    Rope: tokens of one frame share t, so the spatial step's scores depend on (h, w) offsets
+    only; the temporal step rotates by t alone (its h, w coordinates are 0).
+
+    Args:
+      h_bld: the modulated, normalised residual (B, L, D), tokens in t-major order.
+      x_bld: float32 residual stream (B, L, D).
+      shift, scale, gate: the attention modulation (B, 1|L, D).
+
+    Returns:
+      The residual after both steps, float32 (B, L, D).
+    """
+    gt, gh, gw = self.grid
+    b, length, d = x_bld.shape
+    s = gh * gw
+    spatial = self._attention(
+        "spatial_attn", h_bld.reshape(b * gt, s, d), patchify_lib.grid_positions((1, gh, gw))
+    )
+    x_bld = x_bld + gate * spatial.reshape(b, length, d).astype(jnp.float32)
+    h = layers.modulate(layers.layer_norm(x_bld), shift, scale)
+    h_bsd = h.reshape(b, gt, s, d).transpose(0, 2, 1, 3).reshape(b * s, gt, d)
+    temporal = self._attention("temporal_attn", h_bsd, patchify_lib.grid_positions((gt, 1, 1)))
+    temporal = temporal.reshape(b, s, gt, d).transpose(0, 2, 1, 3).reshape(b, length, d)
+    return x_bld + gate * temporal.astype(jnp.float32)
 
   @nn.compact
-  def __call__(self, x_bld, mod_bl6d, text_bsd, text_mask_bs, positions, self_mask_bll=None):
+  def __call__(self, x_bld, mod_bl6d, text_bsd, text_mask_bs, positions, self_segment_ids_bl=None):
     """Applies the block.
 
     Args:
@@ -144,8 +246,8 @@ class DiTBlock(nn.Module):
       text_bsd: text tokens projected to width D (B, S, D).
       text_mask_bs: bool (B, S), or (B, L, S) per token for packed rows.
       positions: int (L, 3) or (B, L, 3) patch coordinates for rope.
-      self_mask_bll: optional bool (B, L, L): which tokens each token attends to (packed rows:
-        only its own clip).
+      self_segment_ids_bl: optional int (B, L) segment ids of packed rows: a token attends only
+        to the tokens of its own clip.
 
     Returns:
       float32 (B, L, D).
@@ -162,16 +264,25 @@ class DiTBlock(nn.Module):
     shift_mlp, scale_mlp, gate_mlp = mod[:, :, 3], mod[:, :, 4], mod[:, :, 5]
 
     h = layers.modulate(layers.layer_norm(x_bld), shift_attn, scale_attn)
-    h = layers.SelfAttention(
-        cfg.num_heads,
-        cfg.head_dim,
-        qk_norm=cfg.qk_norm,
-        rope_theta=cfg.rope_theta,
-        attention_impl=cfg.attention_impl,
-        dtype=cfg.dtype,
-        name="self_attn",
-    )(h, positions, mask_bll=self_mask_bll)
-    x_bld = x_bld + gate_attn * h.astype(jnp.float32)
+    if cfg.attention_layout == "factorised":
+      if self.grid is None or self_segment_ids_bl is not None:
+        raise ValueError(
+            "DiTConfig.attention_layout='factorised' needs the token grid of grid mode; packed"
+            " rows (segment ids) have none. Use attention_layout='full' with packing."
+        )
+      x_bld = self._factorised_attention(h, x_bld, shift_attn, scale_attn, gate_attn)
+    else:
+      h = layers.SelfAttention(
+          cfg.num_heads,
+          cfg.head_dim,
+          qk_norm=cfg.qk_norm,
+          rope_theta=cfg.rope_theta,
+          attention_impl=cfg.attention_impl,
+          sequence_parallel=cfg.sequence_parallel,
+          dtype=cfg.dtype,
+          name="self_attn",
+      )(h, positions, segment_ids_bl=self_segment_ids_bl)
+      x_bld = x_bld + gate_attn * h.astype(jnp.float32)
 
     # Cross-attention is not modulated (PixArt-alpha); its zero output projection keeps the
     # block the identity at initialisation.
@@ -192,16 +303,31 @@ class DiTBlock(nn.Module):
     return _constrain_residual(x_bld)
 
 
+def block_class(config: DiTConfig, *, in_scan: bool = False) -> type[nn.Module]:
+  """DiTBlock, wrapped in `nn.remat` with the config's policy unless it is "none".
+
+  Inside `nn.scan` CSE cannot merge the recomputation with the forward pass across iterations,
+  so `prevent_cse=False` is safe there and lets XLA optimise the block freely (JAX's
+  `jax.checkpoint` docs recommend it under scan).
+  """
+  if config.remat_policy == "none":
+    return DiTBlock
+  return nn.remat(
+      DiTBlock, policy=checkpoint_policy(config.remat_policy), prevent_cse=not in_scan
+  )
+
+
 class _ScannedBlock(nn.Module):
   """DiTBlock in nn.scan's (carry, inputs) -> (carry, outputs) form."""
 
   config: DiTConfig
+  grid: tuple[int, int, int] | None = None
 
   @nn.compact
-  def __call__(self, x_bld, mod_bl6d, text_bsd, text_mask_bs, positions, self_mask_bll):
-    block = nn.remat(DiTBlock, prevent_cse=False) if self.config.remat else DiTBlock
-    x_bld = block(self.config, name="block")(
-        x_bld, mod_bl6d, text_bsd, text_mask_bs, positions, self_mask_bll
+  def __call__(self, x_bld, mod_bl6d, text_bsd, text_mask_bs, positions, segment_ids_bl):
+    block = block_class(self.config, in_scan=True)
+    x_bld = block(self.config, self.grid, name="block")(
+        x_bld, mod_bl6d, text_bsd, text_mask_bs, positions, segment_ids_bl
     )
     return x_bld, None
 
@@ -317,8 +443,11 @@ class DiT(nn.Module):
     )
     return c, layers.token_einsum("md,dco->mco", nn.silu(c), w_mod)
 
-  def _trunk(self, x_blp, c, mod_bl6d, text_bsd, text_mask, positions, self_mask_bll):
-    """Patch embedding, the blocks and the final layer: tokens (B, L, P) -> (B, L, P)."""
+  def _trunk(self, x_blp, c, mod_bl6d, text_bsd, text_mask, positions, segment_ids_bl, grid=None):
+    """Patch embedding, the blocks and the final layer: tokens (B, L, P) -> (B, L, P).
+
+    `grid` (T', H', W') is the token grid in grid mode (None for packed rows).
+    """
     cfg = self.config
     x_bld = layers.Linear(
         cfg.width, (axes.PATCH, axes.EMBED), dtype=cfg.dtype, name="patch_embed"
@@ -332,12 +461,12 @@ class DiT(nn.Module):
           in_axes=(nn.broadcast,) * 5,
           length=cfg.depth,
           metadata_params={nn.PARTITION_NAME: None},
-      )(cfg, name="blocks")(x_bld, mod_bl6d, text_bsd, text_mask, positions, self_mask_bll)
+      )(cfg, grid, name="blocks")(x_bld, mod_bl6d, text_bsd, text_mask, positions, segment_ids_bl)
     else:
-      block_cls = nn.remat(DiTBlock) if cfg.remat else DiTBlock
+      block_cls = block_class(cfg)
       for i in range(cfg.depth):
-        block = block_cls(cfg, name=f"block_{i}")
-        x_bld = block(x_bld, mod_bl6d, text_bsd, text_mask, positions, self_mask_bll)
+        block = block_cls(cfg, grid, name=f"block_{i}")
+        x_bld = block(x_bld, mod_bl6d, text_bsd, text_mask, positions, segment_ids_bl)
 
     # Final layer (PixArt-alpha T2IFinalLayer): shift/scale = learned table + c, no gate; the
     # zero-initialised projection makes the initial output exactly zero (DiT §3.2).
@@ -389,13 +518,20 @@ class DiT(nn.Module):
     text_bsd, text_mask_bs, pooled_b1d = self._text(text_ids, text_mask, drop_text_b)
     c, mod_bl6d = self._conditioning(t, pooled_b1d)
     out_blp = self._trunk(
-        x_blp, c, mod_bl6d, text_bsd, text_mask_bs, patchify_lib.grid_positions(grid), None
+        x_blp, c, mod_bl6d, text_bsd, text_mask_bs, patchify_lib.grid_positions(grid), None,
+        tuple(grid),
     )
     return patchify_lib.unpatchify(out_blp, grid, cfg.patch_size, cfg.latent_channels)
 
   def _packed(self, x_blp, t, text_ids_bgs, text_mask_bgs, drop_text_bg, positions,
               segment_ids_bl):
     """Packed mode of `__call__` (see there)."""
+    if self.config.attention_layout != "full":
+      raise ValueError(
+          f"DiTConfig.attention_layout={self.config.attention_layout!r} needs the (T, H, W) token"
+          " grid of grid mode; a packed row (segment_ids given) mixes clips of different grids."
+          " Use attention_layout='full' with packing (data.packing=True)."
+      )
     t = jnp.asarray(t, jnp.float32)
     self._check_packed(x_blp, t, text_ids_bgs, text_mask_bgs, drop_text_bg, positions,
                        segment_ids_bl)
@@ -412,11 +548,10 @@ class DiT(nn.Module):
     cross_mask_bls = (segment_ids_bl[:, :, None] == text_segment_bs[:, None, :]) & mask_bs.reshape(
         b, 1, g * s
     )
-    self_mask_bll = segment_ids_bl[:, :, None] == segment_ids_bl[:, None, :]
     # Each token's pooled caption vector is its slot's; padding takes slot 0's (never used).
     slot_bl = jnp.clip(segment_ids_bl - 1, 0, g - 1)
     pooled_bld = jnp.take_along_axis(pooled_b1d.reshape(b, g, -1), slot_bl[:, :, None], axis=1)
     c, mod_bl6d = self._conditioning(t, pooled_bld)
     return self._trunk(
-        x_blp.astype(jnp.float32), c, mod_bl6d, text_bsd, cross_mask_bls, positions, self_mask_bll
+        x_blp.astype(jnp.float32), c, mod_bl6d, text_bsd, cross_mask_bls, positions, segment_ids_bl
     )

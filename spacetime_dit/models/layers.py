@@ -7,6 +7,7 @@ in the module's `dtype` (float32 or bfloat16); norms, rotary angles and softmax 
 computed in float32.
 """
 
+import functools
 import math
 from typing import Callable, Sequence
 
@@ -15,9 +16,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from spacetime_dit.models import attention as attention_lib
+from spacetime_dit.models import sequence_parallel
 from spacetime_dit.sharding import axes
 
-ATTENTION_IMPLS = ("xla",)
+ATTENTION_IMPLS = attention_lib.IMPLS
 MLP_ACTIVATIONS = ("swiglu", "geglu")
 
 # DiT (Peebles & Xie 2023) initialises its linear layers with Xavier-uniform.
@@ -267,9 +270,11 @@ def dot_product_attention(
     *,
     key_mask_bs: jnp.ndarray | None = None,
     mask_bls: jnp.ndarray | None = None,
+    q_segment_ids: jnp.ndarray | None = None,
+    kv_segment_ids: jnp.ndarray | None = None,
     impl: str = "xla",
 ) -> jnp.ndarray:
-  """Softmax attention dispatched on `impl`.
+  """Softmax attention dispatched on `impl` (implementations in `spacetime_dit.models.attention`).
 
   Args:
     q_blnk: queries (B, L, N, K).
@@ -277,8 +282,13 @@ def dot_product_attention(
     v_bsnk: values (B, S, N, K).
     key_mask_bs: optional bool (B, S); False keys get no attention weight.
     mask_bls: optional bool (B, L, S) per query and key, e.g. "same packed clip" from segment
-      ids (NaViT, Dehghani et al. 2023); combined with `key_mask_bs` when both are given.
-    impl: "xla": `jax.nn.dot_product_attention` with `implementation=None` (XLA picks).
+      ids (NaViT, Dehghani et al. 2023); combined with the other masks when given. It costs
+      O(L*S) memory whatever `impl` is: prefer segment ids.
+    q_segment_ids: optional int (B, L); with `kv_segment_ids` (B, S), query l sees key s only
+      when their ids are equal. Memory-bounded under impl="chunked" (no (B, L, S) mask is built).
+    kv_segment_ids: optional int (B, S); given together with `q_segment_ids`.
+    impl: one of ATTENTION_IMPLS: "xla" (`jax.nn.dot_product_attention`, XLA picks), "cudnn"
+      (GPU flash attention, bf16/fp16), "chunked" (memory-bounded, any backend), "splash" (TPU).
 
   A query row with no valid key (an empty caption, a padding token of a packed row whose text
   slot is empty) outputs zeros rather than a uniform average over masked keys.
@@ -286,24 +296,9 @@ def dot_product_attention(
   Returns:
     (B, L, N, K).
   """
-  if impl not in ATTENTION_IMPLS:
-    raise ValueError(f"attention_impl={impl!r} is unknown; choose one of {ATTENTION_IMPLS}.")
-  if key_mask_bs is None and mask_bls is None:
-    return jax.nn.dot_product_attention(q_blnk, k_bsnk, v_bsnk, implementation=None)
-  if mask_bls is None:
-    o = jax.nn.dot_product_attention(
-        q_blnk, k_bsnk, v_bsnk, mask=key_mask_bs[:, None, None, :], implementation=None
-    )
-    any_key_b = key_mask_bs.any(axis=-1)
-    return jnp.where(any_key_b[:, None, None, None], o, jnp.zeros_like(o))
-  if key_mask_bs is not None:
-    mask_bls = mask_bls & key_mask_bs[:, None, :]
-  mask_bls = mask_bls.astype(bool)
-  o = jax.nn.dot_product_attention(
-      q_blnk, k_bsnk, v_bsnk, mask=mask_bls[:, None, :, :], implementation=None
-  )
-  any_key_bl = mask_bls.any(axis=-1)
-  return jnp.where(any_key_bl[:, :, None, None], o, jnp.zeros_like(o))
+  return attention_lib.attention(
+      q_blnk, k_bsnk, v_bsnk, key_mask_bs=key_mask_bs, q_segment_ids_bl=q_segment_ids,
+      kv_segment_ids_bs=kv_segment_ids, mask_bls=mask_bls, impl=impl)
 
 
 def _constrain_heads(x: jnp.ndarray, token_axis: str) -> jnp.ndarray:
@@ -332,6 +327,7 @@ class SelfAttention(nn.Module):
   attention_impl: str = "xla"
   token_axis: str = axes.ACT_TOKENS
   out_init: Callable = xavier_uniform(in_axis=(0, 1), out_axis=2)
+  sequence_parallel: str = "none"
   dtype: str = "float32"
 
   @nn.compact
@@ -341,6 +337,7 @@ class SelfAttention(nn.Module):
       positions: jnp.ndarray | None = None,
       key_mask_bl: jnp.ndarray | None = None,
       mask_bll: jnp.ndarray | None = None,
+      segment_ids_bl: jnp.ndarray | None = None,
   ) -> jnp.ndarray:
     """Args: x (B, L, D); positions int (L, 3) or (B, L, 3) when rope is on; key mask (B, L);
     mask_bll bool (B, L, L) per query and key (packed clips attend only within themselves).
@@ -373,8 +370,21 @@ class SelfAttention(nn.Module):
       dims = rope_axes_dims(k)
       q = apply_rope(q, positions, dims, self.rope_theta)
       kk = apply_rope(kk, positions, dims, self.rope_theta)
-    o = dot_product_attention(
-        q, kk, v, key_mask_bs=key_mask_bl, mask_bls=mask_bll, impl=self.attention_impl)
+    attend = functools.partial(dot_product_attention, impl=self.attention_impl)
+    if self.sequence_parallel != "none" and mask_bll is not None:
+      raise ValueError(
+          f"SelfAttention(sequence_parallel={self.sequence_parallel!r}) takes segment_ids_bl, not"
+          " a dense mask_bll: the (B, L, L) mask would have to be all-gathered whole.")
+    if self.sequence_parallel == "ulysses":
+      o = sequence_parallel.ulysses_attention(
+          q, kk, v, attention_fn=attend, key_mask_bl=key_mask_bl, segment_ids_bl=segment_ids_bl,
+          attention_takes_segment_ids=True)
+    elif self.sequence_parallel == "ring":
+      o = sequence_parallel.ring_attention(
+          q, kk, v, key_mask_bl=key_mask_bl, segment_ids_bl=segment_ids_bl)
+    else:
+      o = attend(q, kk, v, key_mask_bs=key_mask_bl, mask_bls=mask_bll,
+                 q_segment_ids=segment_ids_bl, kv_segment_ids=segment_ids_bl)
     return token_einsum("mnk,nkd->md", o, w_out.astype(self.dtype))
 
 

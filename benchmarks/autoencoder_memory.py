@@ -29,6 +29,7 @@ import numpy as np
 from absl import flags
 from flax import linen as nn
 
+from benchmarks import reporting
 from spacetime_dit import cli
 from spacetime_dit import config_types
 from spacetime_dit.models import autoencoder as ae
@@ -237,10 +238,7 @@ def main(argv):
       results["runs"][mode]["psnr_vs_oneshot_db"] = round(_psnr(mean, reference), 2)
   print(_table(results))
   if _OUT.value:
-    os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
-    with open(_OUT.value, "w") as f:
-      json.dump(results, f, indent=2)
-    print(f"wrote {_OUT.value}")
+    reporting.write_json(_OUT.value, results)
 
 
 if __name__ == "__main__":

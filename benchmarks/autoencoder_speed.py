@@ -15,6 +15,7 @@ base 32 channels, multipliers (1, 2, 4, 4), one residual block per level, 16 lat
 Repetitions alternate between the frameworks (and swap which goes first each time), so a
 change in load on a shared machine hits both; median and min are reported, and the ratio
 torch_ms / jax_ms (> 1: ours is faster). Compile time (trace + lower + compile) is excluded
+from benchmarks import reporting
 from the timings and reported on its own. The architectures are not identical (Wan's decoder
 has one more residual block per level and an attention block in its middle), so parameter
 counts are printed too.
@@ -24,9 +25,7 @@ Needs PyTorch and diffusers: `pip install -e ".[bench]"`.
 
 import dataclasses
 import functools
-import json
 import os
-import statistics
 import time
 from collections.abc import Callable, Sequence
 
@@ -89,17 +88,6 @@ def _import_peer():
         f"PyTorch and diffusers ({e}). Install them with: pip install -e \".[bench]\"") from e
   return torch, diffusers
 
-
-def _stats(times_ms: Sequence[float]) -> dict:
-  return {"median": statistics.median(times_ms), "min": min(times_ms),
-          "all": [round(t, 1) for t in times_ms]}
-
-
-def _timed(fn: Callable[[], object]) -> float:
-  """Wall-clock milliseconds of fn(); fn must return only once its work has finished."""
-  start = time.perf_counter()
-  fn()
-  return (time.perf_counter() - start) * 1e3
 
 
 # ----------------------------------------------------------------------------------------- ours
@@ -308,11 +296,11 @@ def run_benchmark(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict:
       for who in order:
         time.sleep(cfg.settle_s)
         runner = peer if who == "torch" else runners[who]
-        elapsed_ms = _timed(functools.partial(runner.run, op))
+        elapsed_ms = reporting.timed(functools.partial(runner.run, op))
         (torch_ms if who == "torch" else jax_ms[who]).append(elapsed_ms)
-    peer_stats = _stats(torch_ms)
+    peer_stats = reporting.stats(torch_ms)
     for impl, times in jax_ms.items():
-      ours = _stats(times)
+      ours = reporting.stats(times)
       results.append({
           "op": op, "conv_impl": impl, "jax_ms": ours, "torch_ms": peer_stats,
           "ratio_median": peer_stats["median"] / ours["median"],
@@ -398,9 +386,7 @@ def main(argv):
     raise SystemExit(str(e)) from e
   print(format_table(report))
   if _OUT.value:
-    with open(_OUT.value, "w") as f:
-      json.dump(report, f, indent=2)
-    print(f"wrote {_OUT.value}")
+    reporting.write_json(_OUT.value, report)
 
 
 if __name__ == "__main__":

@@ -15,14 +15,13 @@ one-shot latent, so it measures the decoder's tiling alone; "decoded vs input" i
 whole round trip (its own latent, decoded the same way).
 """
 
-import json
-import os
 
 import jax
 import numpy as np
 from absl import flags
 
 from data_pipelines import real_clips
+from benchmarks import reporting
 from spacetime_dit import cli
 from spacetime_dit import config_types
 from spacetime_dit.eval import video_metrics
@@ -106,10 +105,7 @@ def main(argv):
     print(f"| {name} | {row.get('latent_vs_oneshot_db', '-')} | {row.get('video_vs_oneshot_db', '-')} |"
           f" {row['video_vs_input_db']} |")
   if _OUT.value:
-    os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
-    with open(_OUT.value, "w") as f:
-      json.dump(results, f, indent=2)
-    print(f"wrote {_OUT.value}")
+    reporting.write_json(_OUT.value, results)
 
 
 if __name__ == "__main__":

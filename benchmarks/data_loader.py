@@ -55,6 +55,7 @@ from data_pipelines import buckets as buckets_lib
 from data_pipelines import loader
 from experiments import autoencoder as autoencoder_experiment
 from experiments import base as dit_experiment
+from benchmarks import reporting
 from spacetime_dit import cli
 from spacetime_dit import config_types
 from spacetime_dit.models import autoencoder as autoencoder_lib
@@ -437,11 +438,8 @@ def main(argv):
   results = [run_stage(stage) for stage in stages()]
   print(_table(results))
   if _OUT.value:
-    os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
-    with open(_OUT.value, "w") as f:
-      json.dump({"cpu_count": os.cpu_count(), "devices": str(jax.devices()),
-                 "results": results}, f, indent=2)
-    print(f"wrote {_OUT.value}")
+    reporting.write_json(_OUT.value, {"cpu_count": os.cpu_count(), "devices": str(jax.devices()),
+                 "results": results})
 
 
 if __name__ == "__main__":

@@ -18,8 +18,6 @@ temporaries are per block (they scale with depth) while compile time grows with 
 """
 
 import dataclasses
-import json
-import os
 import time
 
 import jax
@@ -27,6 +25,7 @@ import jax.numpy as jnp
 from absl import flags
 from flax import linen as nn
 
+from benchmarks import reporting
 from spacetime_dit import cli
 from spacetime_dit.diffusion import flow
 from spacetime_dit.models import dit as dit_lib
@@ -150,10 +149,7 @@ def main(argv):
         f"{_REMAT.value}, batch 1")
   print(_table(results))
   if _OUT.value:
-    os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
-    with open(_OUT.value, "w") as f:
-      json.dump(results, f, indent=2)
-    print(f"wrote {_OUT.value}")
+    reporting.write_json(_OUT.value, results)
 
 
 if __name__ == "__main__":

@@ -42,11 +42,9 @@ Needs PyTorch and diffusers for the peer: `pip install -e ".[bench]"`; without t
 
 import dataclasses
 import functools
-import json
-import math
 import os
-import statistics
 import time
+from benchmarks import reporting
 from collections.abc import Callable, Sequence
 
 from absl import app
@@ -134,17 +132,6 @@ def _import_peer():
   return torch, diffusers
 
 
-def _stats(times_ms: Sequence[float]) -> dict:
-  return {"median": statistics.median(times_ms), "min": min(times_ms),
-          "all": [round(t, 1) for t in times_ms]}
-
-
-def _timed(fn: Callable[[], object]) -> float:
-  """Wall-clock milliseconds of fn(); fn must return only once its work has finished."""
-  start = time.perf_counter()
-  fn()
-  return (time.perf_counter() - start) * 1e3
-
 
 def latent_thw(tokens: int, patch=(1, 2, 2)) -> tuple[int, int, int]:
   """(T, H, W) of a latent with `tokens` patches: the largest square power-of-two patch grid
@@ -230,14 +217,14 @@ class MatmulPeak:
     for _ in range(reps):
       for key, fn in self.fns.items():
         time.sleep(settle_s)
-        self.times[key].append(_timed(fn))
+        self.times[key].append(reporting.timed(fn))
 
   def report(self) -> dict:
     out = {}
     for (who, n), times in self.times.items():
       rate = 2 * n ** 3 / (min(times) / 1e3)
       entry = out.setdefault(who, {"flop_per_s": 0.0, "by_size": {}})
-      entry["by_size"][str(n)] = {"ms": _stats(times), "flop_per_s": rate}
+      entry["by_size"][str(n)] = {"ms": reporting.stats(times), "flop_per_s": rate}
       if rate > entry["flop_per_s"]:
         entry["flop_per_s"], entry["n"] = rate, n
     return out
@@ -514,8 +501,8 @@ def breakdown(cfg, torch, wan, tokens: int, reps: int, settle_s: float, seed: in
     for rep in range(reps):
       for who in (list(runners) if rep % 2 == 0 else list(runners)[::-1]):
         time.sleep(settle_s)
-        times[who].append(_timed(runners[who][name]))
-    out[name] = {who: _stats(t) for who, t in times.items()}
+        times[who].append(reporting.timed(runners[who][name]))
+    out[name] = {who: reporting.stats(t) for who, t in times.items()}
     if torch is not None:
       out[name]["ratio_median"] = out[name]["torch"]["median"] / out[name]["jax"]["median"]
   return out
@@ -625,7 +612,7 @@ def run_benchmark(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict:
         order = list(runners) if rep % 2 == 0 else list(runners)[::-1]
         for who in order:
           time.sleep(cfg.settle_s)
-          times[who].append(_timed(functools.partial(runners[who].run, op)))
+          times[who].append(reporting.timed(functools.partial(runners[who].run, op)))
         loads.append(os.getloadavg()[0])
       factor = 1 if op == "fwd" else 3  # backward = 2 forwards of matmul work.
       row = {"tokens": tokens, "latent_thw": list(thw), "op": op,
@@ -634,7 +621,7 @@ def run_benchmark(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict:
                                       ("torch", peer_dims, torch_flops)):
         if not times[who]:
           continue
-        st = _stats(times[who])
+        st = reporting.stats(times[who])
         model_flops = factor * dims.forward_flops(tokens)
         rate = model_flops / (st["median"] / 1e3)
         row[who] = {
@@ -768,10 +755,7 @@ def main(argv):
   report = run_benchmark(cfg)
   print(format_table(report))
   if _OUT.value:
-    os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
-    with open(_OUT.value, "w") as f:
-      json.dump(report, f, indent=2)
-    print(f"wrote {_OUT.value}")
+    reporting.write_json(_OUT.value, report)
 
 
 if __name__ == "__main__":

@@ -29,9 +29,6 @@ Measures:
   block-diagonal mask computes the cross-clip blocks too unless the kernel skips them).
 """
 
-import json
-import math
-import os
 
 from absl import flags
 import numpy as np
@@ -39,6 +36,7 @@ import numpy as np
 from data_pipelines import bin_packing
 from data_pipelines import buckets as buckets_lib
 from data_pipelines import packing
+from benchmarks import reporting
 from spacetime_dit import cli
 
 _MIXES = flags.DEFINE_list("mixes", ["shapesworld_cpu", "web33", "web65"], "Shape mixes.")
@@ -253,14 +251,11 @@ def main(argv):
   results = [run_mix(name) for name in _MIXES.value]
   print(_table(results))
   if _OUT.value:
-    os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
-    with open(_OUT.value, "w") as f:
-      json.dump({"results": results, "web_mix": [
+    reporting.write_json(_OUT.value, {"results": results, "web_mix": [
           {"family": name, "share": share, "sources": [{"size": s, "share": w} for s, w in fam]}
           for name, share, fam in WEB_MIX], "web_image_share": WEB_IMAGE_SHARE,
           "web_duration_median_s": WEB_DURATION_MEDIAN_S,
-          "web_duration_sigma": WEB_DURATION_SIGMA}, f, indent=2)
-    print(f"wrote {_OUT.value}")
+          "web_duration_sigma": WEB_DURATION_SIGMA})
 
 
 if __name__ == "__main__":

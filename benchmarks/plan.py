@@ -32,7 +32,6 @@ analysis counts a loop body once, so with scanned blocks its FLOPs cover one blo
 
 import dataclasses
 import functools
-import json
 import math
 import os
 import time
@@ -43,6 +42,7 @@ import jax.numpy as jnp
 from absl import flags
 from ml_collections import config_flags
 
+from benchmarks import reporting
 from spacetime_dit import cli
 from spacetime_dit import config_types
 from spacetime_dit.models import dit
@@ -417,10 +417,7 @@ def main(argv):
   print(_table(result))
   print(f"planned in {result['wall_s']} s")
   if _OUT.value:
-    os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
-    with open(_OUT.value, "w") as f:
-      json.dump(result, f, indent=2)
-    print(f"wrote {_OUT.value}")
+    reporting.write_json(_OUT.value, result)
 
 
 if __name__ == "__main__":

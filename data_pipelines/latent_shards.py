@@ -18,6 +18,9 @@ reads it too; this module needs no JAX): a map
   {"latent": float32 or bfloat16 (t, h, w, C), "index": int (the source index),
    "shape": [T, H, W] (the clip's native VIDEO shape), "caption": str,
    optional "text_features" (S, D), "text_mask" (S,), "text_pooled" (D,) arrays}.
+The text arrays are a frozen text encoder's caption features, stored ahead of time (float16
+features and a bool mask from `spacetime_dit.training.latent_cache.text_encode_for`); the
+loaders hand them to the DiT as "text_features" instead of running the encoder.
 An array is msgpack ExtType 1 holding msgpack (shape, dtype name, C-order bytes).
 
 group_size:1 makes every record its own compressed chunk, so reading one record decodes only

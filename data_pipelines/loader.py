@@ -38,7 +38,8 @@ import numpy as np
 
 from data_pipelines import buckets as buckets_lib
 
-Tokenizer = Callable[[Sequence[str]], tuple[np.ndarray, np.ndarray]]  # -> (ids_bs, mask_bs)
+# The text front end: captions -> (ids int (B, S) or frozen features float (B, S, E), mask (B, S)).
+Tokenizer = Callable[[Sequence[str]], tuple[np.ndarray, np.ndarray]]
 
 # Stream ids for `derived_seed`: every seeded random choice of the data pipelines has its
 # own, so that no two choices made from one seed (here or in data_pipelines.packing) are
@@ -203,6 +204,8 @@ def _load(
   members = members or frozenset([shape])
   example = source[int(index)]
   row = {"caption": str(example["caption"]), "index": np.int64(index)}
+  # Frozen text features stored with the clip (latent shards) travel to `text_batch`.
+  row.update({k: example[k] for k in ("text_features", "text_mask") if k in example})
   if "latent" in example:
     row["latent"] = np.asarray(example["latent"], np.float32)
     if row["latent"].ndim != 4:
@@ -291,21 +294,43 @@ def check_resume_workers(
   return _ResumeCheckedIterator(iterator, num_workers)
 
 
-def _collate(elements: Sequence[dict[str, Any]], *, tokenize: Tokenizer) -> dict[str, np.ndarray]:
-  """Stacks clips of one shape and tokenizes their captions as one batch."""
-  captions = [e["caption"] for e in elements]
-  ids_bs, mask_bs = (np.asarray(a) for a in tokenize(captions))
-  b = len(elements)
-  if ids_bs.ndim != 2 or ids_bs.shape[0] != b or mask_bs.shape != ids_bs.shape:
+def text_batch(captions: Sequence[str], tokenize: Tokenizer,
+               stored: Sequence[Mapping[str, Any]] | None = None) -> dict[str, np.ndarray]:
+  """The text fields of B captions: {"text_ids": int32 (B, S)} or {"text_features": float32
+  (B, S, E)}, plus "text_mask" bool (B, S).
+
+  Features a frozen encoder computed ahead of time (the latent shards' "text_features" /
+  "text_mask" per clip, in `stored`) are used when every clip has them and their (S, E) is the
+  front end's `feature_shape`; otherwise `tokenize` (the front end) runs on the captions.
+  """
+  b = len(captions)
+  shape = getattr(tokenize, "feature_shape", None)
+  if (stored and shape is not None and len(stored) == b
+      and all("text_features" in e and "text_mask" in e for e in stored)
+      and all(tuple(np.shape(e["text_features"])) == tuple(shape) for e in stored)):
+    text = np.stack([np.asarray(e["text_features"], np.float32) for e in stored])
+    mask = np.stack([np.asarray(e["text_mask"], bool) for e in stored])
+  else:
+    text, mask = (np.asarray(a) for a in tokenize(list(captions)))
+  features = np.issubdtype(text.dtype, np.floating)
+  if text.ndim != (3 if features else 2) or text.shape[0] != b or mask.shape != text.shape[:2]:
     raise ValueError(
-        f"tokenize({b} captions) returned ids {ids_bs.shape} and mask {mask_bs.shape}; it must "
-        f"return two arrays of shape ({b}, S)."
+        f"the text front end returned {text.dtype} {text.shape} and mask {mask.shape} for {b}"
+        f" captions; it must return two arrays of shape ({b}, S) (ids, mask) or ({b}, S, E) and"
+        f" ({b}, S) (features, mask)."
     )
+  if features:
+    return {"text_features": text.astype(np.float32), "text_mask": mask.astype(bool)}
+  return {"text_ids": text.astype(np.int32), "text_mask": mask.astype(bool)}
+
+
+def _collate(elements: Sequence[dict[str, Any]], *, tokenize: Tokenizer) -> dict[str, np.ndarray]:
+  """Stacks clips of one shape and encodes their captions (or takes stored features) as one batch."""
+  captions = [e["caption"] for e in elements]
   field = "latent" if "latent" in elements[0] else "video"
   return {
       field: np.stack([e[field] for e in elements]),
-      "text_ids": ids_bs.astype(np.int32),
-      "text_mask": mask_bs.astype(bool),
+      **text_batch(captions, tokenize, elements),
       "index": np.asarray([e["index"] for e in elements], dtype=np.int64),
       "caption": np.asarray(captions, dtype=np.str_),
   }
@@ -433,6 +458,8 @@ def make_bucketed_iterator(
   Each batch is one bucket's shape:
     {"video": uint8 (B, T, H, W, 3), "text_ids": int32 (B, S), "text_mask": bool (B, S),
      "index": int64 (B,), "caption": str (B,)}
+  ("latent" float32 (B, t, h, w, C) instead of "video" from a latent source; "text_features"
+  float32 (B, S, E) instead of "text_ids" from a frozen text front end, see `text_batch`.)
   with B = bucket.batch_size // process_count. "caption" is a numpy str array for logging
   and evaluation; drop it before putting a batch on devices.
 
@@ -452,7 +479,8 @@ def make_bucketed_iterator(
     source: random-access source with `__len__`, `__getitem__` and `shape_of`.
     buckets: from `compute_buckets` (identical on every process).
     seed: seeds the sharding permutation, per-bucket shuffles and bucket order.
-    tokenize: captions -> (ids int (B, S), mask bool (B, S)), e.g. a `HashTokenizer`.
+    tokenize: the text front end, captions -> (ids int (B, S) or features float (B, S, E), mask
+      bool (B, S)), e.g. a `HashTokenizer` or `MiniLMTextEncoder`.
     process_index: this process, `jax.process_index()`.
     process_count: number of processes, `jax.process_count()`.
     num_threads: Grain reader threads (threads, not processes: on 2 CPU cores worker

@@ -13,7 +13,9 @@ Per-process batch (one fixed shape for every step):
   "positions":   int32   (B, L, 3)  each clip's own (t, h, w) grid coordinates; 0 at padding
   "segment_ids": int32   (B, L)     1..G for the clip slots of a row, 0 = padding
   "text_ids":    int32   (B, G, S), "text_mask": bool (B, G, S)  caption tokens of slot g
-                                     (mask all False for an empty slot)
+                                     (mask all False for an empty slot); with a frozen text
+                                     front end "text_features" float32 (B, G, S, E) instead,
+                                     the clips' stored features when the latents carry them
   "grid":        int32   (B, G, 3)  (gt, gh, gw) of slot g, 0 for an empty slot
   "index":       int64   (B, G)     source index of slot g, -1 for an empty slot
   "caption":     str     (B, G)     "" for an empty slot (for logging; keep it off devices)
@@ -183,10 +185,22 @@ def _latent_shapes(
   return out
 
 
+def _stored_text_shape(source: LatentSource, index: int, tokenize: loader.Tokenizer) -> bool:
+  """True when clip `index` carries frozen text features the front end `tokenize` can reuse."""
+  shape = getattr(tokenize, "feature_shape", None)
+  if shape is None:
+    return False
+  example = source[int(index)]
+  return ("text_mask" in example and "text_features" in example
+          and tuple(np.shape(example["text_features"])) == tuple(shape))
+
+
 def _load_clip(
-    index: int, *, source: LatentSource, patch: Patch, latent_shapes: Mapping[int, Shape]
+    index: int, *, source: LatentSource, patch: Patch, latent_shapes: Mapping[int, Shape],
+    stored_text: bool = False,
 ) -> dict[str, Any]:
-  """Reads one latent clip and cuts it into tokens with their grid positions."""
+  """Reads one latent clip and cuts it into tokens with their grid positions (and, when
+  `stored_text`, its precomputed text features and mask)."""
   example = source[int(index)]
   latent_thwc = np.asarray(example["latent"], np.float32)
   expected = latent_shapes[int(index)]
@@ -197,13 +211,21 @@ def _load_clip(
         "source's shape_of) and __getitem__ must agree."
     )
   grid = patch_grid(expected, patch)
-  return {
+  clip = {
       "tokens": patchify_clip(latent_thwc, patch),
       "positions": grid_positions(grid),
       "grid": np.asarray(grid, np.int32),
       "index": np.int64(index),
       "caption": str(example["caption"]),
   }
+  if stored_text:
+    if "text_features" not in example or "text_mask" not in example:
+      raise ValueError(
+          f"source[{int(index)}] has no stored text features, but the first clip had them: the"
+          " latent shards are mixed. Re-encode them with one text encoder.")
+    clip["text_features"] = np.asarray(example["text_features"], np.float32)
+    clip["text_mask"] = np.asarray(example["text_mask"], bool)
+  return clip
 
 
 def _collate(
@@ -214,29 +236,28 @@ def _collate(
   grid_bg3 = np.zeros((b, g, 3), np.int32)
   index_bg = np.full((b, g), -1, np.int64)
   caption_bg = [[""] * g for _ in range(b)]
-  slots, captions = [], []
+  slots, captions, stored = [], [], []
   for r, row in enumerate(rows):
     for s, (grid, index, caption) in enumerate(zip(row["grid"], row["index"], row["caption"])):
       grid_bg3[r, s], index_bg[r, s], caption_bg[r][s] = grid, index, caption
       slots.append((r, s))
       captions.append(caption)
-  # One tokenizer call per batch, real slots only: empty slots keep ids 0 and a False mask.
-  ids_ns, mask_ns = (np.asarray(a) for a in tokenize(captions))
-  n = len(captions)
-  if ids_ns.ndim != 2 or ids_ns.shape[0] != n or mask_ns.shape != ids_ns.shape:
-    raise ValueError(
-        f"tokenize({n} captions) returned ids {ids_ns.shape} and mask {mask_ns.shape}; it must "
-        f"return two arrays of shape ({n}, S)."
-    )
-  text_ids_bgs = np.zeros((b, g, ids_ns.shape[1]), np.int32)
-  text_mask_bgs = np.zeros((b, g, ids_ns.shape[1]), bool)
+      if "text_features" in row:
+        stored.append({"text_features": row["text_features"][s], "text_mask": row["text_mask"][s]})
+  # One front-end call per batch (or the stored features), real slots only: empty slots keep
+  # zeros and a False mask.
+  text = loader.text_batch(captions, tokenize, stored)
+  key = "text_features" if "text_features" in text else "text_ids"
+  values_n, mask_n = text[key], text["text_mask"]
+  text_bgs = np.zeros((b, g, *values_n.shape[1:]), values_n.dtype)
+  text_mask_bgs = np.zeros((b, g, mask_n.shape[1]), bool)
   rr, ss = (np.asarray(a, np.int64) for a in zip(*slots))
-  text_ids_bgs[rr, ss], text_mask_bgs[rr, ss] = ids_ns, mask_ns.astype(bool)
+  text_bgs[rr, ss], text_mask_bgs[rr, ss] = values_n, mask_n
   return {
       "tokens": np.stack([row["tokens"] for row in rows]),
       "positions": np.stack([row["positions"] for row in rows]).astype(np.int32),
       "segment_ids": np.stack([row["tokens_segment_ids"] for row in rows]).astype(np.int32),
-      "text_ids": text_ids_bgs,
+      key: text_bgs,
       "text_mask": text_mask_bgs,
       "grid": grid_bg3,
       "index": index_bg,
@@ -337,9 +358,10 @@ def make_packed_dataset(
   # bucketed loader's, whatever the clip sizes.
   read_ahead = max(1, math.ceil(prefetch_batches * rows_per_batch * report.clips_per_row))
 
+  stored_text = _stored_text_shape(source, int(local[0]), tokenize)
   load = functools.partial(
       _load_clip, source=source, patch=patch,
-      latent_shapes={int(i): s for i, s in zip(indices, latent_shapes)},
+      latent_shapes={int(i): s for i, s in zip(indices, latent_shapes)}, stored_text=stored_text,
   )
   # shuffle-then-repeat: grain reseeds the shuffle with the epoch number, so each epoch is a
   # fresh order and the dataset stays one random-access `MapDataset` (state = one position).
@@ -358,7 +380,7 @@ def make_packed_dataset(
       # First-fit fills the first bins with the big clips and leaves the small ones to the last
       # bins; shuffling the emitted rows keeps each batch a mix.
       shuffle_bins=True,
-      meta_features=("grid", "index", "caption"),
+      meta_features=("grid", "index", "caption") + (("text_features", "text_mask") if stored_text else ()),
       max_sequences_per_bin=max_segments,
   )
   batches = packed.batch(

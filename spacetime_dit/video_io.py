@@ -275,3 +275,62 @@ def video_info(path: str) -> dict:
     raise VideoReadError(f"cannot read {path!r}: the video stream has no frames or no size.")
   return {"frames": int(frames), "height": int(height), "width": int(width),
           "fps": float(rate) if rate else None}
+
+
+def _resample_matrix(size_in: int, size_out: int) -> np.ndarray:
+  """(size_out, size_in) weights resampling one axis; rows sum to 1.
+
+  Shrinking: area average (each output pixel is the mean of the input interval it covers,
+  partial pixels weighted by their overlap), which does not alias the way point sampling does.
+  Enlarging: linear interpolation between pixel centres (area averaging would only repeat
+  pixels, i.e. nearest neighbour).
+  """
+  weights = np.zeros((size_out, size_in), np.float64)
+  scale = size_in / size_out
+  if size_out <= size_in:
+    for i in range(size_out):
+      lo, hi = i * scale, (i + 1) * scale
+      first, last = int(np.floor(lo)), min(int(np.ceil(hi)), size_in)
+      for j in range(first, last):
+        weights[i, j] = min(hi, j + 1) - max(lo, j)
+  else:
+    centres = np.clip((np.arange(size_out) + 0.5) * scale - 0.5, 0, size_in - 1)
+    left = np.floor(centres).astype(int)
+    right = np.minimum(left + 1, size_in - 1)
+    frac = centres - left
+    weights[np.arange(size_out), left] += 1 - frac
+    weights[np.arange(size_out), right] += frac
+  return weights / weights.sum(axis=1, keepdims=True)
+
+
+def resize_to_cover(frames_thwc: np.ndarray, height: int, width: int) -> np.ndarray:
+  """Resizes uint8 frames (T, H, W, 3) to exactly (T, height, width, 3): scale to cover, crop.
+
+  The policy for conditioning images and clips of any size: scale uniformly (aspect ratio kept)
+  by the smallest factor that makes the frame cover height x width, resample (area average when
+  shrinking, linear when enlarging), then crop the centre. Nothing is stretched or padded; the
+  parts of the frame outside the target aspect ratio are cut off equally on both sides.
+
+  Args:
+    frames_thwc: uint8 (T, H, W, 3) frames (an image is T = 1).
+    height: output height (>= 1).
+    width: output width (>= 1).
+
+  Returns:
+    uint8 (T, height, width, 3).
+  """
+  frames = _check_frames(frames_thwc)
+  if height < 1 or width < 1:
+    raise ValueError(f"resize target {height}x{width} must be at least 1x1 pixels.")
+  h, w = frames.shape[1:3]
+  if (h, w) == (height, width):
+    return frames
+  scale = max(height / h, width / w)
+  # Rounding may land one pixel short of the target; never below it (the crop needs it).
+  scaled_h, scaled_w = max(height, round(h * scale)), max(width, round(w * scale))
+  top, left = (scaled_h - height) // 2, (scaled_w - width) // 2
+  rows = _resample_matrix(h, scaled_h)[top:top + height]
+  cols = _resample_matrix(w, scaled_w)[left:left + width]
+  out = np.einsum("yh,thwc,xw->tyxc", rows.astype(np.float32), frames.astype(np.float32),
+                  cols.astype(np.float32), optimize=True)
+  return np.clip(np.round(out), 0, 255).astype(np.uint8)

@@ -1,7 +1,10 @@
 """Shared pytest setup: 8 fake CPU devices, so sharding tests run on any machine."""
 
+import fcntl
 import os
 import tempfile
+
+import pytest
 
 # Must happen before jax is imported anywhere: XLA reads the flags once at backend start.
 # Tests run tiny shapes, where compiling dominates: the lowest backend optimisation level
@@ -16,3 +19,53 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault(
     "JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "spacetime_dit_test_xla_cache")
 )
+
+
+def train_tiny_run(workdir: str) -> str:
+  """A tiny autoencoder + DiT trained two steps each on one ShapesWorld bucket shape.
+
+  One bucket shape keeps compilation to one train step per stage (the autoencoder on 5 x 32 x 32,
+  which fits its tiny token budget with one clip per fake device; the DiT on 9 x 32 x 32, the
+  sample size). The DiT trains on the conditioning mixture of experiments/base.py:tiny, so every
+  sampling mode has seen its masks.
+  """
+  # Imported here: jax must not start before XLA_FLAGS above is set.
+  from experiments import autoencoder as autoencoder_experiment  # pylint: disable=g-import-not-at-top
+  from experiments import base as base_experiment  # pylint: disable=g-import-not-at-top
+  from spacetime_dit.training import stages  # pylint: disable=g-import-not-at-top
+
+  ae_config = autoencoder_experiment.get_config("tiny")
+  ae_config.data.sizes, ae_config.data.lengths = ((32, 32),), (5,)
+  ae_config.train.num_steps = 2
+  ae_config.latent_stats_clips = 4
+  stages.train_autoencoder(ae_config, os.path.join(workdir, "autoencoder"))
+  config = base_experiment.get_config("tiny")
+  config.data.sizes, config.data.lengths = ((32, 32),), (9,)
+  config.data.latent_cache_clips = 8
+  config.train.num_steps = 2
+  config.train.sample_every = 0
+  stages.train_dit(config, workdir)
+  return workdir
+
+
+@pytest.fixture(scope="session")
+def tiny_conditioned_run(tmp_path_factory, worker_id) -> str:
+  """`train_tiny_run`'s workdir, trained once per test session and shared by the xdist workers.
+
+  Read-only for the tests that use it. Workers share the parent of their base temp directories;
+  the first to take the lock trains, the others wait and reuse the finished run.
+  """
+  root = tmp_path_factory.getbasetemp()
+  if worker_id != "master":
+    root = root.parent
+  workdir = root / "tiny_conditioned_run"
+  done = root / "tiny_conditioned_run.done"
+  with open(root / "tiny_conditioned_run.lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+      if not done.exists():
+        train_tiny_run(str(workdir))
+        done.touch()
+    finally:
+      fcntl.flock(lock, fcntl.LOCK_UN)
+  return str(workdir)

@@ -62,6 +62,40 @@ def test_chunked_no_mask_self_attention():
   _assert_matches_xla(q, k, v)
 
 
+def test_chunked_no_mask_unpadded_keys_skip_the_mask():
+  """No mask and S a multiple of the key chunk: the path that builds no per-block mask (queries
+  37 still padded to 40, the pad rows dropped)."""
+  q, k, v = _qkv(s=35)
+  _assert_matches_xla(q, k, v)
+  _assert_matches_xla(q, k, v, impl_fn=lambda q, k, v: attention.chunked_attention(
+      q, k, v, query_chunk=37, key_chunk=35))
+
+
+def test_chunked_dense_mask_alone_on_unpadded_keys():
+  q, k, v = _qkv(s=35)
+  mask = jnp.asarray(np.random.default_rng(7).random((2, 37, 35)) > 0.5).at[0, 3].set(False)
+  got = _assert_matches_xla(q, k, v, mask_bls=mask)
+  np.testing.assert_array_equal(got[0, 3], 0.0)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_xla_on_cpu_is_jax_dot_product_attention(masked):
+  """The CPU heads-major form of "xla" == jax.nn.dot_product_attention (values, gradients)."""
+  q, k, v = _qkv()
+  mask = jnp.asarray(np.random.default_rng(8).random((2, 37, 29)) > 0.3) if masked else None
+
+  def reference(q, k, v):
+    if mask is None:
+      return jax.nn.dot_product_attention(q, k, v)
+    return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None])
+
+  want, want_grads = _value_and_grads(reference, q, k, v)
+  got, got_grads = _value_and_grads(
+      lambda q, k, v: attention._dense_heads_major(q, k, v, mask), q, k, v)
+  for g, w in zip((got, *got_grads), (want, *want_grads)):
+    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+
+
 def test_chunked_cross_attention_key_mask_with_empty_row():
   q, k, v = _qkv()
   key_mask = jnp.asarray(np.random.default_rng(1).random((2, 29)) > 0.4).at[1].set(False)

@@ -27,7 +27,7 @@ VelocityFn = Callable[[jax.Array, jax.Array], jax.Array]
 ProgressFn = Callable[[int, float], None]
 
 
-def sampling_timesteps(num_steps: int, shift: float = 1.0) -> np.ndarray:
+def sampling_timesteps(num_steps: int, shift: float = 1.0, start: float = 1.0) -> np.ndarray:
   """Time grid for `num_steps` steps: uniform from 1 to 0, then `flow.shift_timesteps`.
 
   The shift must be the one used in training (`flow.resolution_shift` of the clip's token count),
@@ -36,17 +36,24 @@ def sampling_timesteps(num_steps: int, shift: float = 1.0) -> np.ndarray:
   Args:
     num_steps: number of integration steps (>= 1).
     shift: resolution shift (> 0); 1.0 gives the uniform grid.
+    start: first time in (0, 1]. Below 1 the grid covers [start, 0] only (SDEdit, Meng et al.
+      2022: integrate from a partly noised input): the uniform grid starts at the unshifted time
+      that the shift maps to `start`, so the steps keep the full grid's spacing profile.
 
   Returns:
-    float32 (num_steps + 1,), strictly decreasing, first entry exactly 1 and last exactly 0.
+    float32 (num_steps + 1,), strictly decreasing, first entry exactly `start` and last exactly 0.
   """
   if not isinstance(num_steps, (int, np.integer)) or num_steps < 1:
     raise ValueError(f"num_steps is {num_steps!r}; the sampler needs an integer >= 1.")
   if not shift > 0:
     raise ValueError(f"timestep shift is {shift}; it must be > 0 (1.0 means no shift).")
-  t = np.linspace(1.0, 0.0, num_steps + 1, dtype=np.float64)
+  if not 0.0 < start <= 1.0:
+    raise ValueError(f"start time is {start}; it must lie in (0, 1] (1 = pure noise).")
+  # Inverse of u -> shift u / (1 + (shift - 1) u).
+  u_start = start / (shift - (shift - 1.0) * start)
+  t = np.linspace(u_start, 0.0, num_steps + 1, dtype=np.float64)
   t = shift * t / (1.0 + (shift - 1.0) * t)
-  t[0], t[-1] = 1.0, 0.0
+  t[0], t[-1] = start, 0.0
   return t.astype(np.float32)
 
 

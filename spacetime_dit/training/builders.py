@@ -111,18 +111,25 @@ def autoencoder_params(params: Any) -> Any:
 
 
 def build_dit(config: ml_collections.ConfigDict, latent_channels: int):
-  """(module, init_params, tokenizer) of the text-conditioned DiT."""
+  """(module, init_params, text front end) of the text-conditioned DiT.
+
+  The front end (`text_lib.make_front_end`) maps texts -> (ids or frozen features, mask), what
+  the DiT's third argument takes; the loader, the latent cache and the sampler all use it.
+  """
   cfg = dit_config(config, latent_channels)
   model = dit_lib.DiT(cfg)
-  tokenizer = text_lib.HashTokenizer(cfg.text.vocab_size, cfg.text.max_length)
+  front_end = text_lib.make_front_end(cfg.text)
   pt, ph, pw = cfg.patch_size
   dummy = jnp.zeros((1, pt, ph, pw, latent_channels), jnp.float32)
-  ids, mask = tokenizer(["a red circle"])
+  s = cfg.text.max_length
+  # Parameter shapes do not depend on the text's values: zeros of the right kind (no encoder run).
+  text = jnp.zeros((1, s, cfg.text.feature_width), jnp.float32) if cfg.text.frozen else jnp.zeros((1, s), jnp.int32)
+  mask = jnp.ones((1, s), bool)
 
   def init_params(rng):
-    return model.init(rng, dummy, jnp.zeros((1,)), jnp.asarray(ids), jnp.asarray(mask))["params"]
+    return model.init(rng, dummy, jnp.zeros((1,)), text, mask)["params"]
 
-  return model, init_params, tokenizer
+  return model, init_params, front_end
 
 
 def build_optimizer(config: ml_collections.ConfigDict):
@@ -178,7 +185,9 @@ def autoencoder_finished(workdir: str) -> bool:
 
 
 def restore_params(workdir: str, mesh, rules) -> tuple[ml_collections.ConfigDict, nn.Module, Any, Any, int]:
-  """Loads a trained stage: (config, module, params, tokenizer or None, step) from its latest checkpoint.
+  """Loads a trained stage: (config, module, params, text front end or None, step) from its latest checkpoint.
+
+  The front end (DiT stages only) is `build_dit`'s: texts -> (ids or frozen features, mask).
 
   For an autoencoder workdir `params` are always the bare autoencoder's, also when it trained
   with a discriminator (whose parameters stay in the checkpoint).

@@ -61,6 +61,35 @@ def autoencoder_info(ae_dir: str, step: int, config: autoencoder_lib.Autoencoder
   }
 
 
+def text_encode_for(front_end) -> Callable[[list[str]], dict[str, np.ndarray]] | None:
+  """What the shards store of each caption for a frozen text front end, else None.
+
+  A frozen encoder's features (`MiniLMTextEncoder`: float32 (B, S, E)) never change, so they are
+  computed once here, next to the latents, and stored as float16 (half the bytes; MiniLM's
+  LayerNorm-ed features are O(1), far inside float16's range, and its 1e-3 relative rounding is
+  below what a DiT cross-attention resolves) with the bool mask. The loaders reuse them
+  (`loader.text_batch`) instead of running the encoder. Trainable-encoder ids cost nothing to
+  recompute: nothing is stored for them (None).
+  """
+  if getattr(front_end, "feature_shape", None) is None:
+    return None
+
+  def text_encode(captions: list[str]) -> dict[str, np.ndarray]:
+    features, mask = front_end(captions)
+    return {"text_features": np.asarray(features, np.float16), "text_mask": np.asarray(mask, bool)}
+
+  return text_encode
+
+
+def describe_text(front_end) -> dict[str, Any] | None:
+  """The fingerprint part of the stored text features (None when nothing is stored): another
+  encoder or length rebuilds the cache."""
+  if getattr(front_end, "feature_shape", None) is None:
+    return None
+  return {"encoder": getattr(front_end, "name", type(front_end).__name__),
+          "feature_shape": list(front_end.feature_shape), "stored_dtype": "float16"}
+
+
 def describe_data(config: DataConfig, source=None) -> dict[str, Any]:
   """The part of a data config (plus a prepared source's dataset.json) that decides the clips.
 

@@ -37,6 +37,39 @@ class MetricsWriter:
     self._jsonl.write(json.dumps(row) + "\n")
     self._jsonl.flush()
 
+  def truncate_after(self, step: int) -> int:
+    """Drops rows with a step above `step` (and a torn last line); returns how many went.
+
+    A run resumed from the checkpoint of `step` recomputes the steps after it, so their
+    rows from the killed run must go: metrics.jsonl then reads as one uninterrupted run.
+    The file is rewritten beside itself and renamed over, so a kill here loses nothing.
+    """
+    if not self.enabled:
+      return 0
+    path = self._jsonl.name
+    self._jsonl.close()
+    kept, dropped = [], 0
+    with open(path, encoding="utf-8") as f:
+      for line in f:
+        try:
+          row = json.loads(line)
+          keep = line.endswith("\n") and int(row["step"]) <= step
+        except (ValueError, KeyError, TypeError):
+          keep = False
+        if keep:
+          kept.append(line)
+        else:
+          dropped += 1
+    if dropped:
+      tmp = path + ".tmp"
+      with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(kept)
+        f.flush()
+        os.fsync(f.fileno())
+      os.replace(tmp, path)
+    self._jsonl = open(path, "a", encoding="utf-8")
+    return dropped
+
   def close(self) -> None:
     if self.enabled:
       self._jsonl.close()

@@ -22,6 +22,7 @@ from jax.experimental import multihost_utils
 
 from data_pipelines import loader
 from data_pipelines import packing
+from spacetime_dit import conditioning as conditioning_lib
 from spacetime_dit import config_types
 from spacetime_dit import inference
 from spacetime_dit import video_io
@@ -67,6 +68,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   else:
     config_types.dataclass_from_config(config_types.DiffusionConfig, config.diffusion, path="config.diffusion")
     config_types.dataclass_from_config(config_types.SampleConfig, config.sample, path="config.sample")
+    conditioning_lib.ConditioningConfig.from_config(config)
     builders.dit_config(config, latent_channels=1)
 
 
@@ -76,7 +78,7 @@ def _setup(config, workdir, init_params, tx, mesh, rules, train):
   abstract, shardings = state_lib.state_shardings(init_params, tx, mesh, rules, config.seed)
   checkpointer = checkpointing.Checkpointer(
       os.path.join(workdir, "checkpoints"), max_to_keep=train.keep_checkpoints,
-      async_save=train.async_checkpointing,
+      keep_every=train.keep_every, async_save=train.async_checkpointing,
   )
   writer = metrics_lib.MetricsWriter(workdir, enabled=jax.process_index() == 0)
   return checkpointer, writer, abstract, shardings
@@ -99,10 +101,10 @@ def _start_state(checkpointer, abstract, iterator, init_params, tx, mesh, rules,
   return state_lib.create_state(init_params, tx, mesh, rules, seed)
 
 
-def _jit_step(step_fn, state_shardings, mesh, rules, batch_ndims: dict[str, int]):
+def _jit_step(step_fn, state_shardings, mesh, rules, batch_ndims: dict[str, int], skip_nonfinite=False):
   batch_shardings = {k: mesh_lib.batch_sharding(mesh, rules, n) for k, n in batch_ndims.items()}
   return jax.jit(
-      step_fn,
+      loop.guard_nonfinite(step_fn, skip_nonfinite),
       in_shardings=(state_shardings, batch_shardings, None),
       out_shardings=(state_shardings, mesh_lib.replicated(mesh)),
       donate_argnums=(0,),
@@ -147,7 +149,7 @@ def train_autoencoder(config: ml_collections.ConfigDict, workdir: str) -> None:
               steps.autoencoder_step, model=model, discriminator=discriminator, tx=tx, schedule=schedule,
               loss=loss,
           ),
-          shardings, mesh, rules, {"video": 5},
+          shardings, mesh, rules, {"video": 5}, train.skip_nonfinite,
       )
       ctx = loop.LoopContext(
           train=train, mesh=mesh, rules=rules, checkpointer=checkpointer, writer=writer,
@@ -222,11 +224,14 @@ def _write_reconstruction(model, params, data_cfg, workdir) -> None:
   video_io.write_mp4(os.path.join(workdir, "samples", "reconstruction.mp4"), np.concatenate([video, recon], axis=2))
 
 
-def _latent_cache(autoencoder, ae_params, ae_step, ae_dir, data_cfg, workdir, rules):
+def _latent_cache(autoencoder, ae_params, ae_step, ae_dir, data_cfg, workdir, rules, front_end=None):
   """Encodes the diffusion stage's training clips once into W/latents (see `latent_cache`).
 
-  Every process encodes its own share of the clips on its own devices and writes its shard.
+  Every process encodes its own share of the clips on its own devices and writes its shard;
+  a frozen text front end's caption features are stored with them (`latent_cache.text_encode_for`).
   """
+  text = latent_cache.describe_text(front_end)
+  text_part = {} if text is None else {"text": text}  # Trainable ids: the old fingerprint.
   video_source = data_lib.make_source(data_cfg)
   indices, _ = data_lib.training_indices(data_cfg, video_source, data_cfg.latent_cache_clips)
   indices, _ = data_lib.usable_indices(
@@ -239,16 +244,17 @@ def _latent_cache(autoencoder, ae_params, ae_step, ae_dir, data_cfg, workdir, ru
       video_source, indices, encode,
       fingerprint=latent_cache.fingerprint(
           data=latent_cache.describe_data(data_cfg, video_source), autoencoder=ae_dir,
-          autoencoder_step=ae_step,
+          autoencoder_step=ae_step, **text_part,
       ),
       directory=os.path.join(workdir, latent_cache.DIRECTORY),
       process_index=jax.process_index(), process_count=jax.process_count(),
       barrier=multihost_utils.sync_global_devices if jax.process_count() > 1 else None,
       info=latent_cache.autoencoder_info(ae_dir, ae_step, autoencoder.config),
+      text_encode=latent_cache.text_encode_for(front_end),
   )
 
 
-def _latent_source(autoencoder, ae_params, ae_step, ae_dir, data_cfg, workdir, rules):
+def _latent_source(autoencoder, ae_params, ae_step, ae_dir, data_cfg, workdir, rules, front_end=None):
   """The diffusion stage's latent clips: encoded ahead of time, cached here, or None
   (the step then encodes every batch)."""
   if data_cfg.latent_dir:
@@ -257,7 +263,7 @@ def _latent_source(autoencoder, ae_params, ae_step, ae_dir, data_cfg, workdir, r
         config=autoencoder.config,
     )
   if data_cfg.latent_cache_clips:
-    return _latent_cache(autoencoder, ae_params, ae_step, ae_dir, data_cfg, workdir, rules)
+    return _latent_cache(autoencoder, ae_params, ae_step, ae_dir, data_cfg, workdir, rules, front_end)
   if data_cfg.packing:
     raise ValueError(
         "data.packing=True packs latent clips, but this run has none: set"
@@ -278,7 +284,7 @@ class _DitData:
 
 
 def _dit_data(data_cfg, *, model, autoencoder, source, tokenizer, diffusion, tx,
-              schedule, mesh, rules) -> _DitData:
+              schedule, mesh, rules, conditioning=None) -> _DitData:
   """Bucketed clips (videos or latents) or packed latent rows, with the matching step."""
   ae_cfg = autoencoder.config
   patch = model.config.patch_size
@@ -300,9 +306,11 @@ def _dit_data(data_cfg, *, model, autoencoder, source, tokenizer, diffusion, tx,
         num_threads=data_cfg.num_threads, num_workers=data_cfg.num_workers,
     )
     step = functools.partial(
-        steps.dit_packed_step, model=model, diffusion=diffusion, tx=tx, schedule=schedule
+        steps.dit_packed_step, model=model, diffusion=diffusion, tx=tx, schedule=schedule,
+        conditioning=conditioning,
     )
-    ndims = {"tokens": 3, "positions": 3, "segment_ids": 2, "text_ids": 3, "text_mask": 3, "grid": 3}
+    text = {"text_features": 4} if getattr(tokenizer, "feature_shape", None) else {"text_ids": 3}
+    ndims = {"tokens": 3, "positions": 3, "segment_ids": 2, **text, "text_mask": 3, "grid": 3}
     return _DitData(iterator, step, ndims, lambda b: int(np.count_nonzero(b["segment_ids"])))
 
   tokens_per_clip = data_lib.dit_tokens_per_clip(ae_cfg, patch)
@@ -320,10 +328,11 @@ def _dit_data(data_cfg, *, model, autoencoder, source, tokenizer, diffusion, tx,
   )
   step = functools.partial(
       steps.dit_step, model=model, autoencoder=autoencoder, patch_size=patch, diffusion=diffusion,
-      tx=tx, schedule=schedule,
+      tx=tx, schedule=schedule, conditioning=conditioning,
   )
   field = "video" if source is None else "latent"
-  return _DitData(iterator, step, {field: 5, "text_ids": 2, "text_mask": 2}, tokens_per_batch)
+  text = {"text_features": 3} if getattr(tokenizer, "feature_shape", None) else {"text_ids": 2}
+  return _DitData(iterator, step, {field: 5, **text, "text_mask": 2}, tokens_per_batch)
 
 
 def train_dit(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -351,10 +360,11 @@ def train_dit(config: ml_collections.ConfigDict, workdir: str) -> None:
       "latent_mean": jax.device_put(latent_mean, mesh_lib.replicated(mesh)),
       "latent_std": jax.device_put(latent_std, mesh_lib.replicated(mesh)),
   }
-  source = _latent_source(autoencoder, ae_params, ae_step, ae_dir, data_cfg, workdir, rules)
+  source = _latent_source(autoencoder, ae_params, ae_step, ae_dir, data_cfg, workdir, rules, tokenizer)
   data = _dit_data(
       data_cfg, model=model, autoencoder=autoencoder, source=source, tokenizer=tokenizer,
       diffusion=diffusion, tx=tx, schedule=schedule, mesh=mesh, rules=rules,
+      conditioning=conditioning_lib.ConditioningConfig.from_config(config),
   )
 
   # One generator for every periodic sample: its jitted sampler compiles once and only
@@ -375,7 +385,7 @@ def train_dit(config: ml_collections.ConfigDict, workdir: str) -> None:
   try:
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
       state = _start_state(checkpointer, abstract, data.iterator, init_params, tx, mesh, rules, config.seed)
-      step_fn = _jit_step(data.step, shardings, mesh, rules, data.batch_ndims)
+      step_fn = _jit_step(data.step, shardings, mesh, rules, data.batch_ndims, train.skip_nonfinite)
       ctx = loop.LoopContext(
           train=train, mesh=mesh, rules=rules, checkpointer=checkpointer, writer=writer,
           batch_keys=tuple(data.batch_ndims), tokens_per_batch=data.tokens_per_batch,

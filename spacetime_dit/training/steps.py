@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from spacetime_dit import conditioning as conditioning_lib
 from spacetime_dit.config_types import DiffusionConfig
 from spacetime_dit.diffusion import flow
 from spacetime_dit.models import autoencoder as autoencoder_lib
@@ -46,12 +47,17 @@ def encode_video(autoencoder: nn.Module, params: Any, video_bthwc: jax.Array) ->
 def apply_gradients(
     state: TrainState, grads: Any, *, tx: optax.GradientTransformation, schedule: optax.Schedule
 ) -> tuple[TrainState, Metrics]:
-  """One optimizer update, with the norms that diagnose it."""
+  """One optimizer update, with the norms that diagnose it.
+
+  The norms are `optimizer.global_norm`, as in the optimizer's clipping: XLA merges the two
+  identical gradient-norm computations into one, and neither squares a parameter-sized copy.
+  """
+  from spacetime_dit.training import optimizer as optimizer_lib  # pylint: disable=g-import-not-at-top
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   metrics = {
-      "grad_norm": optax.tree.norm(grads),
-      "param_norm": optax.tree.norm(params),
+      "grad_norm": optimizer_lib.global_norm(grads),
+      "param_norm": optimizer_lib.global_norm(params),
       "learning_rate": schedule(state.step),
   }
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
@@ -268,6 +274,17 @@ def clean_latents(
   return jax.lax.stop_gradient((mean - frozen["latent_mean"]) / frozen["latent_std"])
 
 
+def batch_text(batch: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+  """The DiT's text input and its mask: frozen-encoder features if the batch has them, else ids.
+
+  "text_features" (B, S, E) float come from a frozen pretrained encoder (computed ahead of time);
+  "text_ids" (B, S) int feed the DiT's own trainable encoder. Packed rows have one more axis
+  (B, G, ...), one caption per clip slot. The mask is "text_mask" in both cases.
+  """
+  text = batch["text_features"] if "text_features" in batch else batch["text_ids"]
+  return text, batch["text_mask"]
+
+
 def dit_step(
     state: TrainState,
     batch: Mapping[str, jax.Array],
@@ -279,19 +296,28 @@ def dit_step(
     diffusion: DiffusionConfig,
     tx: optax.GradientTransformation,
     schedule: optax.Schedule,
+    conditioning: conditioning_lib.ConditioningConfig | None = None,
 ) -> tuple[TrainState, Metrics]:
   """Rectified-flow step of the text-conditioned DiT on the frozen autoencoder's latents.
 
-  `batch` holds "text_ids", "text_mask" and either "latent" (cached posterior means) or
-  "video" (uint8, encoded in the step).
+  `batch` holds "text_ids" (or "text_features", see `batch_text`), "text_mask" and either
+  "latent" (cached posterior means) or "video" (uint8, encoded in the step).
+
+  With a `conditioning` mixture every example draws a mode (`conditioning.sample_modes`); its
+  given latent frames enter clean (x_t = x0) with timestep 0 on their tokens, the others are
+  noised at the example's t, and the loss covers the generated frames only. Frames are drawn per
+  temporal patch, so a token is either given or generated as a whole. A text-only mixture (or
+  None) takes the unconditioned path, bit-for-bit the step of runs made before conditioning.
   """
   rng = jax.random.fold_in(state.rng, state.step)
   rng_t, rng_noise, rng_drop = jax.random.split(rng, 3)
   x0 = clean_latents(batch, frozen, autoencoder=autoencoder)
   batch_size = x0.shape[0]
+  text, text_mask = batch_text(batch)
   # The shift depends on the token count of this bucket: a static Python number per shape,
   # the same rule the sampler applies (SD3 §5.3.2).
-  num_tokens = math.prod(n // p for n, p in zip(x0.shape[1:4], patch_size))
+  grid = tuple(n // p for n, p in zip(x0.shape[1:4], patch_size))
+  num_tokens = math.prod(grid)
   shift = flow.resolution_shift(num_tokens, diffusion.shift_base_tokens, diffusion.base_shift)
   t = flow.sample_timesteps(
       rng_t,
@@ -302,19 +328,47 @@ def dit_step(
       shift=shift,
   )
   noise = jax.random.normal(rng_noise, x0.shape, x0.dtype)
-  x_t = flow.interpolate(x0, noise, t)
   drop_text = jax.random.uniform(rng_drop, (batch_size,)) < diffusion.caption_dropout
   target = flow.velocity_target(x0, noise)
 
-  def loss_fn(params):
-    pred = model.apply(
-        {"params": params}, x_t, t, batch["text_ids"], batch["text_mask"], drop_text_b=drop_text
+  if conditioning is None or conditioning.text_only:
+    x_t = flow.interpolate(x0, noise, t)
+
+    def loss_fn(params):
+      pred = model.apply({"params": params}, x_t, t, text, text_mask, drop_text_b=drop_text)
+      return flow.flow_matching_loss(flow.to_velocity(pred, x_t, t, diffusion.prediction), target)
+
+    given_fraction = jnp.zeros((), jnp.float32)
+  else:
+    # A fourth stream (fold_in, not a 4-way split) keeps t, noise and dropout identical to the
+    # text-only step's draws.
+    rng_mode, rng_frames = jax.random.split(jax.random.fold_in(rng, 3))
+    pt, gt = patch_size[0], grid[0]
+    mode_b, k_b = conditioning_lib.sample_modes(
+        rng_mode, conditioning, (batch_size,), num_frames=gt
     )
-    return flow.flow_matching_loss(flow.to_velocity(pred, x_t, t, diffusion.prediction), target)
+    given_bg = conditioning_lib.frame_mask(
+        mode_b, k_b, gt, jnp.arange(gt)[None], rng=rng_frames, cfg=conditioning
+    )
+    given_bt = jnp.repeat(given_bg, pt, axis=1)  # Temporal patches -> latent frames.
+    t_bt = conditioning_lib.timesteps_with_condition(t, given_bt)
+    t_bl = conditioning_lib.timesteps_with_condition(
+        t, conditioning_lib.token_mask(given_bt, grid, patch_size)
+    )
+    x_t = flow.interpolate(x0, noise, t_bt)  # x0 exactly where t = 0.
+    generated_bt = jnp.logical_not(given_bt)
+
+    def loss_fn(params):
+      pred = model.apply({"params": params}, x_t, t_bl, text, text_mask, drop_text_b=drop_text)
+      return flow.flow_matching_loss(
+          flow.to_velocity(pred, x_t, t_bt, diffusion.prediction), target, mask=generated_bt
+      )
+
+    given_fraction = jnp.mean(given_bt.astype(jnp.float32))
 
   loss, grads = jax.value_and_grad(loss_fn)(state.params)
   state, metrics = apply_gradients(state, grads, tx=tx, schedule=schedule)
-  return state, {"loss": loss, **metrics}
+  return state, {"loss": loss, **metrics, "given_fraction": given_fraction}
 
 
 def packed_clean_tokens(
@@ -351,6 +405,37 @@ def packed_timesteps(
   return flow.shift_timesteps(t, shift_bg)
 
 
+def packed_given_tokens(
+    rng: jax.Array,
+    batch: Mapping[str, jax.Array],
+    conditioning: conditioning_lib.ConditioningConfig,
+) -> jax.Array:
+  """Given tokens (B, L) of packed rows: each clip slot draws its own mode from the mixture.
+
+  Slot g's frames are its temporal patches: T = batch["grid"][..., 0] and a token's frame is
+  positions[..., 0]. Masks are drawn per (slot, frame) on a frame axis of L (a clip has no more
+  temporal patches than tokens) and gathered per token, so every token of a frame agrees and a
+  token's mask follows its own slot's frame count. Padding is never given.
+  """
+  rng_mode, rng_frames = jax.random.split(rng)
+  num_frames_bg = batch["grid"][..., 0].astype(jnp.int32)
+  b, g = num_frames_bg.shape
+  length = batch["segment_ids"].shape[1]
+  mode_bg, k_bg = conditioning_lib.sample_modes(
+      rng_mode, conditioning, (b, g), num_frames=num_frames_bg
+  )
+  given_bgf = conditioning_lib.frame_mask(
+      mode_bg, k_bg, num_frames_bg, jnp.arange(length)[None, None], rng=rng_frames, cfg=conditioning
+  )
+  segment_ids_bl = batch["segment_ids"].astype(jnp.int32)
+  slot_bl = jnp.clip(segment_ids_bl - 1, 0, g - 1)
+  frame_bl = jnp.clip(batch["positions"][..., 0].astype(jnp.int32), 0, length - 1)
+  given_bl = jnp.take_along_axis(
+      given_bgf.reshape(b, g * length), slot_bl * length + frame_bl, axis=1
+  )
+  return given_bl & (segment_ids_bl > 0)
+
+
 def dit_packed_step(
     state: TrainState,
     batch: Mapping[str, jax.Array],
@@ -360,36 +445,50 @@ def dit_packed_step(
     diffusion: DiffusionConfig,
     tx: optax.GradientTransformation,
     schedule: optax.Schedule,
+    conditioning: conditioning_lib.ConditioningConfig | None = None,
 ) -> tuple[TrainState, Metrics]:
   """Rectified-flow step on packed rows (`data_pipelines.packing`): one program for any mix.
 
-  Every clip slot draws its own timestep and caption dropout; a token takes its clip's. The
-  loss averages over real tokens only (segment id > 0), so padding neither trains nor dilutes.
+  Every clip slot draws its own timestep, caption dropout and (with a `conditioning` mixture)
+  conditioning mode; a token takes its clip's, and given tokens (`packed_given_tokens`) are
+  clean with timestep 0. The loss averages over real generated tokens only (segment id > 0,
+  not given), so padding and conditions neither train nor dilute.
   """
   rng = jax.random.fold_in(state.rng, state.step)
   rng_t, rng_noise, rng_drop = jax.random.split(rng, 3)
   latent_channels = model.config.latent_channels
   x0 = packed_clean_tokens(batch, frozen, latent_channels=latent_channels)
   segment_ids_bl = batch["segment_ids"].astype(jnp.int32)
+  text, text_mask = batch_text(batch)
   t_bg = packed_timesteps(rng_t, batch["grid"], diffusion)
   slot_bl = jnp.clip(segment_ids_bl - 1, 0, t_bg.shape[1] - 1)
   t_bl = jnp.take_along_axis(t_bg, slot_bl, axis=1)
+  valid_bl = segment_ids_bl > 0
+  if conditioning is None or conditioning.text_only:
+    loss_mask_bl = valid_bl
+    given_fraction = jnp.zeros((), jnp.float32)
+  else:
+    # fold_in keeps t, noise and dropout identical to the text-only step's draws.
+    given_bl = packed_given_tokens(jax.random.fold_in(rng, 3), batch, conditioning)
+    t_bl = conditioning_lib.timesteps_with_condition(t_bl, given_bl)
+    loss_mask_bl = valid_bl & jnp.logical_not(given_bl)
+    given_fraction = jnp.sum(given_bl) / jnp.maximum(jnp.sum(valid_bl), 1)
   noise = jax.random.normal(rng_noise, x0.shape, x0.dtype)
   x_t = flow.interpolate(x0, noise, t_bl)
   drop_text_bg = jax.random.uniform(rng_drop, t_bg.shape) < diffusion.caption_dropout
   target = flow.velocity_target(x0, noise)
-  valid_bl = segment_ids_bl > 0
 
   def loss_fn(params):
     pred = model.apply(
-        {"params": params}, x_t, t_bl, batch["text_ids"], batch["text_mask"],
+        {"params": params}, x_t, t_bl, text, text_mask,
         drop_text_b=drop_text_bg, segment_ids=segment_ids_bl, positions=batch["positions"],
     )
     return flow.flow_matching_loss(
-        flow.to_velocity(pred, x_t, t_bl, diffusion.prediction), target, mask=valid_bl
+        flow.to_velocity(pred, x_t, t_bl, diffusion.prediction), target, mask=loss_mask_bl
     )
 
   loss, grads = jax.value_and_grad(loss_fn)(state.params)
   state, metrics = apply_gradients(state, grads, tx=tx, schedule=schedule)
   metrics["token_fill"] = jnp.mean(valid_bl.astype(jnp.float32))
+  metrics["given_fraction"] = given_fraction.astype(jnp.float32)
   return state, {"loss": loss, **metrics}

@@ -21,6 +21,7 @@ from spacetime_dit.config_types import DiffusionConfig
 from spacetime_dit.diffusion import flow
 from spacetime_dit.models import autoencoder as autoencoder_lib
 from spacetime_dit.models import discriminator as discriminator_lib
+from spacetime_dit.training import optimizer as optimizer_lib
 from spacetime_dit.training.state import TrainState
 
 Metrics = dict[str, jax.Array]
@@ -52,7 +53,6 @@ def apply_gradients(
   The norms are `optimizer.global_norm`, as in the optimizer's clipping: XLA merges the two
   identical gradient-norm computations into one, and neither squares a parameter-sized copy.
   """
-  from spacetime_dit.training import optimizer as optimizer_lib  # pylint: disable=g-import-not-at-top
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   metrics = {

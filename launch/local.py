@@ -10,11 +10,13 @@ mesh spans all their devices (gloo CPU collectives, JAX's default on CPU). With
 `--devices_per_process=K` each process gets K fake CPU devices (XLA_FLAGS), so 2 processes x
 4 devices run the same 8-device mesh as one process with 8.
 
-Signals: SIGTERM/SIGINT to the launcher go to every process (the trainer then saves at the
-next step boundary, all processes agreeing on the step, and exits 0). When one process
-dies, the others cannot finish a collective without it, so the launcher kills them and
-exits with the first failure's status (128 + signal for a killed process). Rerunning the
-same command resumes, also with another --num_processes (see
+Signals: SIGTERM or SIGINT sent to the launcher reach every process as SIGTERM (the trainer
+then saves at the next step boundary, all processes agreeing on the step, and exits 0). The
+processes share the launcher's process group: SIGKILL to the group kills the whole job, and a
+terminal's Ctrl-C also interrupts them directly (a rerun resumes from the last checkpoint).
+When one process dies, the others cannot finish a collective without it, so the launcher
+kills them and exits with the first failure's status (128 + signal for a killed process).
+Rerunning the same command resumes, also with another --num_processes (see
 `checkpointing.Checkpointer._data_state_of_other_process_count` for the data rule).
 """
 
@@ -68,15 +70,21 @@ def launch(num_processes: int, args: list[str], *, module: str = "spacetime_dit.
       prefix = " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items())
       print((prefix + " " if prefix else "") + shlex.join(argv))
     return 0
-  procs = [subprocess.Popen(argv, env={**os.environ, **env}) for env, argv in cmds]
+  procs = []
 
   def forward(signum, frame):
-    del frame
+    # The trainer's clean stop is SIGTERM (save at the next step boundary, exit 0); a SIGINT
+    # to the launcher is turned into it rather than a KeyboardInterrupt in every process.
+    del signum, frame
     for p in procs:
       if p.poll() is None:
-        p.send_signal(signum)
+        p.send_signal(signal.SIGTERM)
 
+  # Installed before spawning, so a signal then still reaches every child started.
   previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+  # The children stay in the launcher's process group, so killing the group (a scheduler's
+  # SIGKILL) kills the whole job; a terminal's Ctrl-C therefore also reaches them directly.
+  procs.extend(subprocess.Popen(argv, env={**os.environ, **env}) for env, argv in cmds)
   try:
     failed_at, status = None, 0
     while any(p.poll() is None for p in procs):

@@ -530,9 +530,15 @@ def write_samples(
 ) -> list[str]:
   """Generates each prompt and writes `<directory>/<i>_<prompt>.mp4`; returns the paths.
 
-  `kwargs` go to `Generator.generate`. With `write=False` it only generates (the other
-  processes of a multi-process job must join the computation but not write).
+  `kwargs` go to `Generator.generate` (one sample per prompt: not `seeds`). With
+  `write=False` it only generates (the other processes of a multi-process job must join the
+  computation but not write).
   """
+  if kwargs.get("seeds") is not None:
+    raise ValueError(
+        "write_samples names one file per prompt, so it takes `seed` (prompt i uses seed + i),"
+        f" not seeds={kwargs['seeds']!r}; call Generator.generate(..., seeds=...) and write the"
+        " videos yourself for several seeds per prompt.")
   videos = generator.generate(prompts, **kwargs)
   if not write:
     return []

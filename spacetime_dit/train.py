@@ -47,6 +47,10 @@ def main(argv):
 def _train():
   cli.use_fast_cpu_convolutions()
   distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  # jax.distributed.initialize starts JAX's preemption service, whose C++ SIGTERM notifier
+  # replaces Python's handler (signal.getsignal still reports ours). Install ours again so a
+  # SIGTERM still saves at the next step boundary in multi-process runs.
+  loop.install_preemption_handler()
   config, workdir = _CONFIG.value, _WORKDIR.value
   stages.check_config(config)
   if config.stage == "autoencoder":

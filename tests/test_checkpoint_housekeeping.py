@@ -73,3 +73,19 @@ def test_config_differences_normalises_tuples_and_lists():
   new = {"model": {"patch": (1, 2, 2), "width": 16}, "seed": 0, "extra": 1}
   assert checkpointing.config_differences(old, new) == ["extra: '<absent>' -> 1", "model.width: 8 -> 16"]
   assert checkpointing.config_differences(old, new, sections=("model",)) == ["model.width: 8 -> 16"]
+
+
+def test_changed_since_names_objective_fields_that_differ_from_the_checkpoint(tmp_path):
+  config = _write_config(tmp_path, width=3)
+  checkpointer = checkpointing.Checkpointer(str(tmp_path / "checkpoints"), async_save=False)
+  checkpointer.save(2, _state(3))
+  checkpointer.close()
+  # The resumed run's config (written first by save_config) adds a conditioning mixture and
+  # trains more steps: only the objective's section is reported.
+  config["conditioning"] = {"text": 0.3}
+  config["train"]["num_steps"] = 20
+  with open(tmp_path / "config.json", "w", encoding="utf-8") as f:
+    json.dump(config, f)
+  checkpointer = checkpointing.Checkpointer(str(tmp_path / "checkpoints"), async_save=False)
+  assert checkpointer.changed_since(2) == ["conditioning.text: '<absent>' -> 0.3"]
+  checkpointer.close()

@@ -1,6 +1,8 @@
 """Sampling modes of `inference.Generator` on a tiny random model: shapes, exact given frames,
 two-scale guidance, seeds, samplers, draft-then-refine, the resize policy and input errors."""
 
+import os
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -321,3 +323,11 @@ def test_resize_to_cover_scales_to_cover_and_crops_the_centre():
   assert np.all(video_io.resize_to_cover(flat, 24, 16) == 77)
   with pytest.raises(ValueError, match="at least 1x1"):
     video_io.resize_to_cover(flat, 0, 4)
+
+
+def test_write_samples_refuses_several_seeds_per_prompt(tmp_path):
+  # One file per prompt: several seeds would pair prompts with the wrong videos. It is refused
+  # before anything is generated (the generator is never called).
+  with pytest.raises(ValueError, match="write_samples names one file per prompt"):
+    inference.write_samples(object(), str(tmp_path), ["a red circle"], seeds=[0, 1])
+  assert not os.listdir(tmp_path)

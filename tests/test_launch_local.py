@@ -1,5 +1,6 @@
 """launch.local: N local processes of one JAX job; a 2-process run survives SIGKILL and
-resumes as 1 process (then preempted by SIGTERM) and as 2 processes."""
+resumes as 1 process (then preempted by SIGTERM) and as 2 processes (preempted again, then
+finishing)."""
 
 import json
 import os
@@ -13,7 +14,7 @@ import pytest
 from launch import local
 
 _FAST = [
-    "--config=experiments/autoencoder.py:tiny", "--config.train.num_steps=6", "--config.train.checkpoint_every=2",
+    "--config=experiments/autoencoder.py:tiny", "--config.train.num_steps=8", "--config.train.checkpoint_every=2",
     "--config.train.log_every=1", "--config.data.max_buckets=1", "--config.data.num_index_samples=2000",
     "--config.data.token_budget=9600", "--config.latent_stats_clips=2",
 ]
@@ -73,7 +74,7 @@ def test_two_processes_train_are_killed_and_resume_as_one_and_as_two(tmp_path):
   os.killpg(proc.pid, signal.SIGKILL)
   proc.wait()
   killed_at = max(_checkpoints(workdir))
-  assert killed_at < 6
+  assert killed_at < 8
 
   # 2. One process (2 devices: the same global mesh) resumes; SIGTERM -> save and exit 0.
   proc = subprocess.Popen(single, env=env)
@@ -91,9 +92,19 @@ def test_two_processes_train_are_killed_and_resume_as_one_and_as_two(tmp_path):
   assert preempted_at > killed_at
   assert [r["step"] for r in _rows(workdir)] == list(range(1, preempted_at + 1))
 
-  # 3. Two processes again finish the run from the preemption checkpoint.
+  # 3. Two processes resume; SIGTERM to the launcher reaches both (jax.distributed's own
+  # SIGTERM notifier must not swallow it): they agree on a step, save it and exit 0.
+  proc = subprocess.Popen(launcher, env=env, start_new_session=True)
+  _wait_for(proc, lambda: len(_rows(workdir)) > preempted_at)
+  proc.send_signal(signal.SIGTERM)
+  assert proc.wait(timeout=300) == 0
+  second_preemption = max(_checkpoints(workdir))
+  assert preempted_at < second_preemption < 8, (preempted_at, second_preemption)
+  assert [r["step"] for r in _rows(workdir)] == list(range(1, second_preemption + 1))
+
+  # 4. Two processes finish the run from there.
   assert subprocess.run(launcher, env=env, timeout=400).returncode == 0
   rows = _rows(workdir)
-  assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+  assert [r["step"] for r in rows] == list(range(1, 9))
   assert all(isinstance(r["loss"], float) for r in rows)
   assert os.path.exists(os.path.join(workdir, "latent_stats.json"))

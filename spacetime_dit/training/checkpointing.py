@@ -96,6 +96,13 @@ class Checkpointer:
         _CONFIG: ocp.JsonCheckpointHandler(),
     }
     self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+    # Orbax removes the leftovers of unfinished saves in a thread started just now. Wait for it
+    # (a directory listing): a process that exits right away, e.g. with a clear error about a
+    # missing checkpoint, would otherwise race the interpreter's shutdown and print a traceback
+    # ("cannot schedule new futures after shutdown"). Private in orbax 0.12.8, hence the guard.
+    wait_for_cleanup = getattr(self._manager, "_maybe_await_cleanup_tmp_directory", None)
+    if wait_for_cleanup is not None:
+      wait_for_cleanup()
     self._config = None
 
   def latest_step(self) -> int | None:
@@ -128,6 +135,16 @@ class Checkpointer:
     if data_iterator is not None:
       items[_DATA] = grain.checkpoint.CheckpointSave(data_iterator)
     return self._manager.save(step, args=ocp.args.Composite(**items), force=force)
+
+  def changed_since(self, step: int, sections=("diffusion", "conditioning", "data", "optimizer")) -> list[str]:
+    """Fields of `sections` in which this run's config differs from checkpoint `step`'s.
+
+    A resumed run takes its config from the command line, not the checkpoint, so a changed
+    objective (say a conditioning mixture that became the default) would otherwise switch
+    silently mid-run. Empty for checkpoints written before configs were stored in them.
+    """
+    old = self.saved_config(step)
+    return [] if old is None else config_differences(old, self._run_config(), sections=sections)
 
   def saved_config(self, step: int) -> dict | None:
     """The W/config.json stored with checkpoint `step` (None for checkpoints without one)."""

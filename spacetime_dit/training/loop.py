@@ -87,9 +87,11 @@ def guard_nonfinite(step_fn: Callable, skip_nonfinite: bool = False) -> Callable
   """Wraps a (state, batch, frozen) -> (state, metrics) step to report `metrics["finite"]`.
 
   With `skip_nonfinite` a non-finite step returns the old state (parameters, optimizer
-  state, rng) with only the step counter advanced, so the data position, the learning
-  rate schedule and the checkpoints stay aligned with the steps taken. Put it inside the
-  `jax.jit` (it needs the old state, which the jit then donates).
+  state, rng) with only the step counter advanced, so the data position and the checkpoints
+  stay aligned with the steps taken. The optimizer's own step count is kept with the old
+  state, so after k skips its learning rate is the schedule's value k steps earlier than the
+  logged `learning_rate` (schedule(step)). Put it inside the `jax.jit` (it needs the old
+  state, which the jit then donates).
   """
 
   def guarded(state, batch, frozen):
@@ -117,7 +119,8 @@ def install_preemption_handler() -> None:
   """Makes SIGTERM a request to stop at the next step boundary (from now on, for good).
 
   Entry points call it first thing, so a SIGTERM during start-up (compiling, restoring)
-  also ends in a clean stop at the first step boundary rather than a kill.
+  also ends in a clean stop at the first step boundary rather than a kill, and again after
+  `jax.distributed.initialize`, whose preemption service replaces the C-level handler.
   """
   signal.signal(signal.SIGTERM, _on_sigterm)
 

@@ -97,6 +97,11 @@ def _start_state(checkpointer, abstract, iterator, init_params, tx, mesh, rules,
   latest = checkpointer.latest_step()
   if latest is not None:
     logging.info("resuming from step %d", latest)
+    changed = checkpointer.changed_since(latest)
+    if changed:
+      logging.warning(
+          "resuming step %d with a config that differs from the one it was trained with; the"
+          " run continues with the new values:\n  %s", latest, "\n  ".join(changed))
     return checkpointer.restore(latest, abstract, iterator)
   return state_lib.create_state(init_params, tx, mesh, rules, seed)
 

@@ -69,3 +69,34 @@ def tiny_conditioned_run(tmp_path_factory, worker_id) -> str:
     finally:
       fcntl.flock(lock, fcntl.LOCK_UN)
   return str(workdir)
+
+
+@pytest.fixture(scope="session")
+def untrained_autoencoder(tmp_path_factory) -> str:
+  """A complete tiny autoencoder run (config, step-0 checkpoint, latent stats), untrained.
+
+  Read-only for its users: a DiT run points `config.autoencoder.workdir` at it, or
+  `encode_latents` reads it.
+  """
+  # Imported here: jax must not start before XLA_FLAGS above is set.
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from experiments import autoencoder as autoencoder_experiment  # pylint: disable=g-import-not-at-top
+  from spacetime_dit import config_types  # pylint: disable=g-import-not-at-top
+  from spacetime_dit.sharding import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
+  from spacetime_dit.training import builders  # pylint: disable=g-import-not-at-top
+  from spacetime_dit.training import checkpointing  # pylint: disable=g-import-not-at-top
+  from spacetime_dit.training import state as state_lib  # pylint: disable=g-import-not-at-top
+
+  workdir = str(tmp_path_factory.mktemp("untrained_ae"))
+  config = autoencoder_experiment.get_config("tiny")
+  builders.save_config(config, workdir)
+  _, _, init_params, tx, _, _ = builders.build_autoencoder_training(config)
+  mesh_cfg = config_types.MeshConfig()
+  state = state_lib.create_state(init_params, tx, mesh_lib.make_mesh(mesh_cfg), mesh_cfg.rules,
+                                 config.seed)
+  checkpointer = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
+  checkpointer.save(0, state)
+  checkpointer.close()
+  channels = config.model.latent_channels
+  builders.save_latent_stats(workdir, np.zeros(channels), np.ones(channels))
+  return workdir

@@ -15,16 +15,11 @@ import numpy as np
 import optax
 import pytest
 
-from experiments import autoencoder as autoencoder_experiment
 from experiments import base as base_experiment
 from spacetime_dit import conditioning as cond
-from spacetime_dit import config_types
 from spacetime_dit.config_types import DiffusionConfig
 from spacetime_dit.diffusion import flow
 from spacetime_dit.models import dit, patchify, text
-from spacetime_dit.sharding import mesh as mesh_lib
-from spacetime_dit.training import builders
-from spacetime_dit.training import checkpointing
 from spacetime_dit.training import stages
 from spacetime_dit.training import state as state_lib
 from spacetime_dit.training import steps
@@ -212,24 +207,6 @@ def test_batch_text_prefers_frozen_features():
   assert steps.batch_text({"text_ids": ids, "text_mask": mask})[0] is ids
   got, got_mask = steps.batch_text({"text_ids": ids, "text_features": feats, "text_mask": mask})
   assert got is feats and got_mask is mask
-
-
-@pytest.fixture(scope="module")
-def untrained_autoencoder(tmp_path_factory):
-  """A complete tiny autoencoder run (config, step-0 checkpoint, latent stats), untrained."""
-  workdir = str(tmp_path_factory.mktemp("ae"))
-  config = autoencoder_experiment.get_config("tiny")
-  builders.save_config(config, workdir)
-  _, _, init_params, tx, _, _ = builders.build_autoencoder_training(config)
-  mesh_cfg = config_types.MeshConfig()
-  state = state_lib.create_state(init_params, tx, mesh_lib.make_mesh(mesh_cfg), mesh_cfg.rules,
-                                 config.seed)
-  checkpointer = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
-  checkpointer.save(0, state)
-  checkpointer.close()
-  channels = config.model.latent_channels
-  builders.save_latent_stats(workdir, np.zeros(channels), np.ones(channels))
-  return workdir
 
 
 @pytest.mark.slow

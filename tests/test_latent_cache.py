@@ -16,16 +16,13 @@ from data_pipelines import buckets as buckets_lib
 from data_pipelines import latent_shards
 from data_pipelines import loader
 from data_pipelines import shapesworld
-from experiments import autoencoder as autoencoder_experiment
 from spacetime_dit import config_types
 from spacetime_dit import encode_latents
 from spacetime_dit.models import autoencoder as autoencoder_lib
 from spacetime_dit.sharding import mesh as mesh_lib
 from spacetime_dit.training import builders
-from spacetime_dit.training import checkpointing
 from spacetime_dit.training import data as data_lib
 from spacetime_dit.training import latent_cache
-from spacetime_dit.training import state as state_lib
 from spacetime_dit.training import steps
 
 
@@ -183,24 +180,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
-def ae_dir(tmp_path_factory):
-  """A complete tiny autoencoder run (config, step-0 checkpoint, latent stats), untrained.
-
-  Its weights are random: the shard format and the driver do not care, and training one
-  (tests/test_eval_autoencoder.py) costs ~25 s.
-  """
-  workdir = str(tmp_path_factory.mktemp("ae"))
-  config = autoencoder_experiment.get_config("tiny")
-  builders.save_config(config, workdir)
-  _, _, init_params, tx, _, _ = builders.build_autoencoder_training(config)
-  mesh_cfg = config_types.MeshConfig()
-  state = state_lib.create_state(init_params, tx, mesh_lib.make_mesh(mesh_cfg), mesh_cfg.rules, config.seed)
-  checkpointer = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
-  checkpointer.save(0, state)
-  checkpointer.close()
-  channels = config.model.latent_channels
-  builders.save_latent_stats(workdir, np.zeros(channels), np.ones(channels))
-  return workdir
+def ae_dir(untrained_autoencoder):
+  # Random weights: the shard format and the driver do not care, and training one
+  # (tests/test_eval_autoencoder.py) costs ~25 s. Built once per session in conftest.py.
+  return untrained_autoencoder
 
 
 def test_encode_latents_writes_the_autoencoders_latents(ae_dir, tmp_path):

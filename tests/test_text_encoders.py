@@ -16,20 +16,14 @@ from data_pipelines import buckets as buckets_lib
 from data_pipelines import latent_shards
 from data_pipelines import loader
 from data_pipelines import packing
-from experiments import autoencoder as autoencoder_experiment
 from experiments import base as base_experiment
-from spacetime_dit import config_types
 from spacetime_dit import encode_latents
 from spacetime_dit import inference
 from spacetime_dit.models import dit as dit_lib
 from spacetime_dit.models import pretrained_text
 from spacetime_dit.models import text as text_lib
-from spacetime_dit.sharding import mesh as mesh_lib
-from spacetime_dit.training import builders
-from spacetime_dit.training import checkpointing
 from spacetime_dit.training import latent_cache
 from spacetime_dit.training import stages
-from spacetime_dit.training import state as state_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The README's test command installs the `text` extra, so these tests run (they fail, not skip,
@@ -280,24 +274,6 @@ def test_latent_cache_stores_float16_features_and_fingerprints_the_encoder(tmp_p
 
 
 # --- a tiny run with the frozen encoder --------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def untrained_autoencoder(tmp_path_factory):
-  """A complete tiny autoencoder run (config, step-0 checkpoint, latent stats), untrained."""
-  workdir = str(tmp_path_factory.mktemp("ae"))
-  config = autoencoder_experiment.get_config("tiny")
-  builders.save_config(config, workdir)
-  _, _, init_params, tx, _, _ = builders.build_autoencoder_training(config)
-  mesh_cfg = config_types.MeshConfig()
-  state = state_lib.create_state(init_params, tx, mesh_lib.make_mesh(mesh_cfg), mesh_cfg.rules,
-                                 config.seed)
-  checkpointer = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
-  checkpointer.save(0, state)
-  checkpointer.close()
-  channels = config.model.latent_channels
-  builders.save_latent_stats(workdir, np.zeros(channels), np.ones(channels))
-  return workdir
 
 
 def test_encode_latents_stores_minilm_features(untrained_autoencoder, tmp_path):

@@ -21,6 +21,8 @@ INSTALL_REQUIRES = [
     "av>=18.1.0,<20",
     "tensorboardX>=2.6.4,<2.7",
     "tqdm>=4.67,<5",
+    # Plots of `python -m spacetime_dit.evaluate`'s report (Agg, no display); tested with 3.11.2.
+    "matplotlib>=3.11,<3.12",
     "absl-py>=2.3,<3",
 ]
 

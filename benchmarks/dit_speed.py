@@ -1,10 +1,13 @@
-"""Speed and MFU of our DiT against diffusers' WanTransformer3DModel, on the same CPU, in one run.
+"""Speed and MFU of our DiT against diffusers' WanTransformer3DModel, on the same device, in one run.
 
   python -m benchmarks.dit_speed --variant=s --tokens=256,1024,4096 --out=runs/dit_speed.json
   python -m benchmarks.dit_speed --variant=s --depth=4 --tokens=256,1024 --reps=3
   python -m benchmarks.dit_speed --variant=tiny --tokens=16 --nopeer    # ours only
+  python -m benchmarks.dit_speed --variant=b --tokens=4096,16384 --dtype=bfloat16 \
+      --attention_impl=cudnn --matmul_sizes=8192 --ops=step      # on a GPU (torch on cuda too)
 
-For every token count L it times, at batch 1 and float32, three operations of both models:
+For every token count L it times, at batch 1 and float32 (or --dtype=bfloat16: our DiT's compute
+dtype, params float32; Wan under torch.autocast, params float32), three operations of both models:
   fwd       the denoiser's forward pass (torch: under inference_mode);
   fwd_bwd   forward, rectified-flow MSE against the velocity target, gradient of every parameter;
   step      a full train step. Ours: `spacetime_dit.training.steps.dit_step` on a latent batch
@@ -15,9 +18,13 @@ For every token count L it times, at batch 1 and float32, three operations of bo
 The latent is (1, T, H, W, 16) with H = W the largest power of two <= 32 whose patch grid fits
 L, so that T * H/2 * W/2 = L (256 -> 1x32x32, 1024 -> 4x32x32, 4096 -> 16x32x32).
 
-It also measures each framework's CPU matmul peak in the same run (a square float32 matmul,
+It also measures each framework's matmul peak in the same run (a square matmul in --dtype,
 best of N, as FLOP/s): `jnp.dot` for ours, `torch.matmul` for Wan, so each model's MFU is
-against what its own framework reaches on this CPU.
+against what its own framework reaches on this device.
+
+Devices: ours runs on JAX's default backend. Torch runs on --torch_device (auto: cuda when JAX's
+backend is a GPU and torch sees CUDA, else cpu). GPU work is asynchronous, so every timed call
+waits for its result (`jax.block_until_ready`, `torch.cuda.synchronize`) before the clock stops.
 
 Model FLOPs (for tokens/s -> FLOP/s -> MFU) are the analytic count, the convention of PaLM
 (Chowdhery et al. 2022, App. B) and MaxText: 2 FLOPs per multiply-add of every weight matrix
@@ -40,6 +47,7 @@ Needs PyTorch and diffusers for the peer: `pip install -e ".[bench]"`; without t
 --nopeer) only ours is timed.
 """
 
+import contextlib
 import ctypes
 import dataclasses
 import functools
@@ -77,12 +85,16 @@ _BREAKDOWN = None  # Set by define_flags().
 _SEED = None  # Set by define_flags().
 _OUT = None  # Set by define_flags().
 _YNN = None  # Set by define_flags().
+_DTYPE = None  # Set by define_flags().
+_TORCH_DEVICE = None  # Set by define_flags().
+DTYPES = ("float32", "bfloat16")
+TORCH_DEVICES = ("auto", "cpu", "cuda")
 
 
 def define_flags() -> None:
   """Defines the command-line flags; only when run as a program, so that importing this
   module (tests) never clashes with another entry point's flags (--out, ...)."""
-  global _VARIANT, _TOKENS, _DEPTH, _OPS, _REPS, _WARMUP, _SETTLE, _PEER, _TORCH_THREADS, _MATMUL_SIZES, _MATMUL_REPS, _WAN_FFN, _ATTN, _REMAT, _MALLOC, _BREAKDOWN, _SEED, _OUT, _YNN
+  global _VARIANT, _TOKENS, _DEPTH, _OPS, _REPS, _WARMUP, _SETTLE, _PEER, _TORCH_THREADS, _MATMUL_SIZES, _MATMUL_REPS, _WAN_FFN, _ATTN, _REMAT, _MALLOC, _BREAKDOWN, _SEED, _OUT, _YNN, _DTYPE, _TORCH_DEVICE
   _VARIANT = flags.DEFINE_string("variant", "s", "experiments/base.py variant: tiny, cpu, s, b, xl.")
   _TOKENS = flags.DEFINE_list("tokens", ["256", "1024"], "Token counts L per sample (batch 1).")
   _DEPTH = flags.DEFINE_integer(
@@ -118,6 +130,13 @@ def define_flags() -> None:
       "xla_cpu_ynn", "off", list(YNN_MODES),
       "XLA:CPU YNNPACK fusions: off (as the project's entry points), default (XLA's), dot (dots "
       "only).")
+  _DTYPE = flags.DEFINE_enum(
+      "dtype", "float32", list(DTYPES),
+      "Compute dtype: our DiTConfig.dtype (params stay float32), Wan's torch.autocast dtype, and "
+      "the dtype of the peak matmuls. attention_impl=cudnn needs bfloat16.")
+  _TORCH_DEVICE = flags.DEFINE_enum(
+      "torch_device", "auto", list(TORCH_DEVICES),
+      "Device of the Wan peer: auto = cuda when JAX's backend is a GPU and torch sees CUDA.")
 MALLOC_MODES = ("default", "reuse")
 # glibc mallopt parameters (malloc.h).
 _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
@@ -220,29 +239,40 @@ def wan_dims(d: int, depth: int, text_len: int, text_dim: int, ffn: int, patch_d
 # ------------------------------------------------------------------------------------- peaks
 
 
+def torch_sync(torch, device: str) -> Callable[[], None]:
+  """Waits for the queued work of `device` (CUDA kernels run asynchronously; CPU ops do not)."""
+  return torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+
 class MatmulPeak:
-  """Best float32 FLOP/s of square matmuls: `jnp.dot` (jitted) and `torch.matmul`.
+  """Best FLOP/s of square matmuls in `dtype`: `jnp.dot` (jitted) and `torch.matmul`.
 
   Several sizes, because the best size differs between libraries (XLA:CPU's own dot ran
   1024^3 about 1.5-2x faster per FLOP than 4096^3 on the 2-core box; MKL is flat). `measure`
   runs the frameworks alternately; it is called before and after the model timings, and the
   best over all calls and sizes is the peak (on a shared machine a single burst may be unlucky).
+  Inputs are random normal, never zeros: a GPU can multiply zeros faster than real data (less
+  switching power, so higher clocks), which would inflate the peak.
   """
 
-  def __init__(self, sizes: Sequence[int], torch=None):
+  def __init__(self, sizes: Sequence[int], torch=None, dtype: str = "float32",
+               torch_device: str = "cpu"):
     import jax  # pylint: disable=g-import-not-at-top
     import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
     self.sizes, self.torch = tuple(sizes), torch
     dot = jax.jit(jnp.dot)
     self.fns = {}
     for n in self.sizes:
-      a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-      b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+      a = jax.random.normal(jax.random.key(0), (n, n), jnp.dtype(dtype))
+      b = jax.random.normal(jax.random.key(1), (n, n), jnp.dtype(dtype))
       self.fns[("jax", n)] = functools.partial(lambda a, b: dot(a, b).block_until_ready(), a, b)
       if torch is not None:
         g = torch.Generator().manual_seed(0)
-        ta, tb = torch.randn(n, n, generator=g), torch.randn(n, n, generator=g)
-        self.fns[("torch", n)] = functools.partial(torch.matmul, ta, tb)
+        ta, tb = (torch.randn(n, n, generator=g).to(torch_device, getattr(torch, dtype))
+                  for _ in range(2))
+        sync = torch_sync(torch, torch_device)
+        self.fns[("torch", n)] = functools.partial(
+            lambda a, b, sync: (torch.matmul(a, b), sync()), ta, tb, sync)
     for fn in self.fns.values():
       fn()  # Compile / first-touch outside the timings.
     self.times = {key: [] for key in self.fns}
@@ -341,10 +371,11 @@ class JaxRunner:
 
 
 def build_ours(variant: str, depth: int | None, attention_impl: str | None, seed: int,
-               remat: str | None = None):
+               remat: str | None = None, dtype: str | None = None):
   """(model, params, tx, schedule, diffusion config) of the variant with random weights.
 
-  `attention_impl` and `remat` (a `DiTConfig.remat_policy`) override the variant's when given.
+  `attention_impl`, `remat` (a `DiTConfig.remat_policy`) and `dtype` (the compute dtype) override
+  the variant's when given.
   """
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
@@ -359,10 +390,10 @@ def build_ours(variant: str, depth: int | None, attention_impl: str | None, seed
     config.model.depth = depth
     config.lock()
   model, init_params, _ = builders.build_dit(config, latent_channels=16)
-  overrides = {k: v for k, v in (("attention_impl", attention_impl), ("remat_policy", remat))
-               if v is not None}
+  overrides = {k: v for k, v in (("attention_impl", attention_impl), ("remat_policy", remat),
+                                 ("dtype", dtype)) if v is not None}
   if overrides:
-    # Neither changes the parameters: the variant's init gives the same tree.
+    # None changes the parameters (always float32): the variant's init gives the same tree.
     model = dit_lib.DiT(dataclasses.replace(model.config, **overrides))
   tx, schedule = builders.build_optimizer(config)
   diffusion = config_types.dataclass_from_config(config_types.DiffusionConfig, config.diffusion)
@@ -386,34 +417,47 @@ def wan_config(cfg, ffn_dim: int | None) -> dict:
 
 
 class TorchRunner:
-  """diffusers.WanTransformer3DModel's fwd, fwd_bwd and AdamW step at one latent shape."""
+  """diffusers.WanTransformer3DModel's fwd, fwd_bwd and AdamW step at one latent shape.
 
-  def __init__(self, torch, diffusers, wan_kwargs: dict, latent_shape, text_len: int, seed: int):
-    self.torch = torch
+  Parameters and the optimizer stay float32; with dtype="bfloat16" the forward and loss run under
+  `torch.autocast` (mixed precision, as our DiT computes in bf16 with float32 params).
+  """
+
+  def __init__(self, torch, diffusers, wan_kwargs: dict, latent_shape, text_len: int, seed: int,
+               device: str = "cpu", dtype: str = "float32"):
+    self.torch, self.device = torch, device
+    self.autocast_dtype = None if dtype == "float32" else getattr(torch, dtype)
+    self.sync = torch_sync(torch, device)
     torch.manual_seed(seed)
-    self.model = diffusers.WanTransformer3DModel(**wan_kwargs)
+    self.model = diffusers.WanTransformer3DModel(**wan_kwargs).to(device)
     self.model.train()  # No dropout in Wan: train and eval modes compute the same.
     self.opt = torch.optim.AdamW(self.model.parameters(), lr=LEARNING_RATE, weight_decay=0.0)
     g = torch.Generator().manual_seed(seed)
     b, t, h, w, c = latent_shape
     x0 = torch.randn(b, c, t, h, w, generator=g)
     noise = torch.randn(b, c, t, h, w, generator=g)
-    self.ctx = torch.randn(b, text_len, wan_kwargs["text_dim"], generator=g)
-    self.x_t = (1 - SIGMA) * x0 + SIGMA * noise
-    self.target = noise - x0
-    self.timestep = torch.full((b,), int(SIGMA * 1000), dtype=torch.long)
+    self.ctx = torch.randn(b, text_len, wan_kwargs["text_dim"], generator=g).to(device)
+    self.x_t = ((1 - SIGMA) * x0 + SIGMA * noise).to(device)
+    self.target = (noise - x0).to(device)
+    self.timestep = torch.full((b,), int(SIGMA * 1000), dtype=torch.long).to(device)
     self.num_params = sum(p.numel() for p in self.model.parameters())
 
+  def _autocast(self):
+    if self.autocast_dtype is None:
+      return contextlib.nullcontext()
+    return self.torch.autocast(self.device, dtype=self.autocast_dtype)
+
   def _loss(self):
-    pred = self.model(hidden_states=self.x_t, timestep=self.timestep,
-                      encoder_hidden_states=self.ctx, return_dict=False)[0]
-    return self.torch.nn.functional.mse_loss(pred, self.target)
+    with self._autocast():
+      pred = self.model(hidden_states=self.x_t, timestep=self.timestep,
+                        encoder_hidden_states=self.ctx, return_dict=False)[0]
+      return self.torch.nn.functional.mse_loss(pred.float(), self.target)
 
   def run(self, op: str) -> None:
-    """Runs `op` once (torch CPU ops are synchronous)."""
+    """Runs `op` once and waits for the device to finish it."""
     torch = self.torch
     if op == "fwd":
-      with torch.inference_mode():
+      with torch.inference_mode(), self._autocast():
         self.model(hidden_states=self.x_t, timestep=self.timestep,
                    encoder_hidden_states=self.ctx, return_dict=False)
     elif op == "fwd_bwd":
@@ -423,6 +467,7 @@ class TorchRunner:
       self.opt.zero_grad(set_to_none=True)
       self._loss().backward()
       self.opt.step()
+    self.sync()
 
   def count_flops(self, op: str) -> float:
     """Runs `op` once under torch's FLOP counter (matmuls and attention, 2 per multiply-add)."""
@@ -573,6 +618,8 @@ class BenchConfig:
   malloc: str = "default"
   breakdown: bool = False
   seed: int = 0
+  dtype: str = "float32"
+  torch_device: str = "auto"
 
   def __post_init__(self):
     bad = [o for o in self.ops if o not in OPS]
@@ -584,10 +631,26 @@ class BenchConfig:
       raise ValueError(f"reps={self.reps} must be >= 1 and warmup={self.warmup} >= 0.")
     if self.depth is not None and self.depth < 1:
       raise ValueError(f"depth={self.depth} must be >= 1 (or unset for the variant's).")
+    if self.dtype not in DTYPES or self.torch_device not in TORCH_DEVICES:
+      raise ValueError(f"dtype={self.dtype!r} must be one of {DTYPES} and torch_device="
+                       f"{self.torch_device!r} one of {TORCH_DEVICES}.")
+    if self.attention_impl == "cudnn" and self.dtype != "bfloat16":
+      raise ValueError("attention_impl='cudnn' runs bf16 only (cuDNN flash attention); add "
+                       "--dtype=bfloat16.")
 
 
 def _load() -> list[float]:
   return [round(x, 2) for x in os.getloadavg()]
+
+
+def resolve_torch_device(requested: str, jax_backend: str, torch) -> str:
+  """The peer's device: `requested`, or for "auto" cuda when JAX runs on a GPU and torch has CUDA.
+
+  Both frameworks on the same kind of device, so the ratio compares implementations, not chips.
+  """
+  if requested != "auto":
+    return requested
+  return "cuda" if jax_backend == "gpu" and torch.cuda.is_available() else "cpu"
 
 
 def run_benchmark(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict:
@@ -605,21 +668,29 @@ def run_benchmark(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict:
     except ImportError as e:
       peer_missing = str(e)
       log(peer_missing)
+  backend = jax.default_backend()
+  torch_device = None
   if torch is not None:
     torch.set_num_threads(cfg.torch_threads or cores)
+    torch_device = resolve_torch_device(cfg.torch_device, backend, torch)
+    if torch_device == "cuda" and cfg.breakdown:
+      raise ValueError("--breakdown builds its block inputs on the CPU; run it with "
+                       "--torch_device=cpu on a CPU, or drop --breakdown.")
 
-  log(f"building ours: variant {cfg.variant}" + (f", depth {cfg.depth}" if cfg.depth else ""))
+  log(f"building ours: variant {cfg.variant}" + (f", depth {cfg.depth}" if cfg.depth else "") +
+      f", {cfg.dtype} on {backend} ({jax.devices()[0].device_kind}); Wan on {torch_device}")
   model, params, tx, schedule, diffusion = build_ours(
-      cfg.variant, cfg.depth, cfg.attention_impl, cfg.seed, cfg.remat)
+      cfg.variant, cfg.depth, cfg.attention_impl, cfg.seed, cfg.remat,
+      None if cfg.dtype == "float32" else cfg.dtype)
   mcfg = model.config
   ours_dims = our_dims(mcfg)
   wan_kwargs = wan_config(mcfg, cfg.wan_ffn_dim)
   peer_dims = wan_dims(mcfg.width, mcfg.depth, mcfg.text.max_length, mcfg.text.width,
                        wan_kwargs["ffn_dim"], mcfg.patch_dim)
 
-  log(f"matmul peaks (float32, sides {list(cfg.matmul_sizes)}, {cfg.matmul_reps} each, before "
-      f"and after the models)")
-  peak = MatmulPeak(cfg.matmul_sizes, torch)
+  log(f"matmul peaks ({cfg.dtype}, sides {list(cfg.matmul_sizes)}, {cfg.matmul_reps} each, "
+      f"before and after the models)")
+  peak = MatmulPeak(cfg.matmul_sizes, torch, cfg.dtype, torch_device or "cpu")
   peak.measure(cfg.matmul_reps, cfg.settle_s)
   peaks = peak.report()
   for who, p in peaks.items():
@@ -636,7 +707,8 @@ def run_benchmark(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict:
     ours = JaxRunner(model, params, tx, schedule, diffusion, latent_shape, cfg.ops, cfg.seed)
     peer = None
     if torch is not None:
-      peer = TorchRunner(torch, diffusers, wan_kwargs, latent_shape, mcfg.text.max_length, cfg.seed)
+      peer = TorchRunner(torch, diffusers, wan_kwargs, latent_shape, mcfg.text.max_length, cfg.seed,
+                         torch_device, cfg.dtype)
       wan_params = peer.num_params
     for op in cfg.ops:
       log(f"L={tokens}: timing {op}")
@@ -694,6 +766,11 @@ def run_benchmark(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict:
         row[who]["mfu"] = row[who]["model_flop_per_s"] / peaks[who]["flop_per_s"]
   return {
       "variant": cfg.variant,
+      "dtype": cfg.dtype,
+      "device": {"jax_backend": backend, "jax_device_kind": jax.devices()[0].device_kind,
+                 "torch_device": torch_device,
+                 "torch_device_name": (torch.cuda.get_device_name() if torch_device == "cuda"
+                                       else None)},
       "config": dataclasses.asdict(cfg),
       "ours_model": {"width": mcfg.width, "depth": mcfg.depth, "num_heads": mcfg.num_heads,
                      "head_dim": mcfg.head_dim, "mlp_hidden": mcfg.mlp_hidden,
@@ -708,7 +785,7 @@ def run_benchmark(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict:
                         "wan": dataclasses.asdict(peer_dims)},
       "mfu_basis": "analytic model FLOPs (2 per weight multiply-add on video and text tokens + "
                    "attention 4 L^2 D + 4 L S D per block; x3 for fwd_bwd and step) / median time "
-                   "/ the framework's own matmul peak",
+                   f"/ the framework's own {cfg.dtype} matmul peak on the same device",
       "mismatches": [
           "MLP: ours SwiGLU (3 matrices, hidden F); Wan GELU-tanh (2 matrices) with ffn_dim "
           f"{wan_kwargs['ffn_dim']} (3F/2 by default: equal MLP FLOPs and parameters).",
@@ -745,11 +822,14 @@ def format_table(report: dict) -> str:
   """The report as a plain-text table."""
   m, peaks = report["ours_model"], report["matmul_peak"]
   peak_txt = ", ".join(f"{w} {p['flop_per_s'] / 1e9:.1f} (side {p['n']})" for w, p in peaks.items())
+  dev = report["device"]
   lines = [
       f"variant {report['variant']}: width {m['width']}, depth {m['depth']}, heads "
-      f"{m['num_heads']}, patch {tuple(m['patch_size'])}, text {m['text_len']} tokens, float32, "
-      f"batch 1; params ours {report['params']['ours']:,}, Wan "
+      f"{m['num_heads']}, patch {tuple(m['patch_size'])}, text {m['text_len']} tokens, "
+      f"{report['dtype']}, batch 1; params ours {report['params']['ours']:,}, Wan "
       f"{report['params']['wan'] and format(report['params']['wan'], ',')}",
+      f"devices: ours {dev['jax_backend']} ({dev['jax_device_kind']}), Wan "
+      f"{dev['torch_device_name'] or dev['torch_device']}",
       f"matmul peak GFLOP/s: {peak_txt}; threads torch {report['threads']['torch']}, XLA:CPU "
       f"{report['threads']['jax_xla_cpu']}; load {report['load_average']}; XLA_FLAGS "
       f"{report['threads']['XLA_FLAGS'] or '(none)'}; malloc {report['threads']['malloc']}",
@@ -764,11 +844,11 @@ def format_table(report: dict) -> str:
   ]
   for r in report["results"]:
     j, t = r["jax"], r.get("torch")
-    line = (f"{r['tokens']:>6} {r['op']:<8} {j['ms']['median']:>9.0f} {j['ms']['min']:>8.0f} "
+    line = (f"{r['tokens']:>6} {r['op']:<8} {j['ms']['median']:>9.1f} {j['ms']['min']:>8.1f} "
             f"{j['tokens_per_s']:>8.0f} {j['model_flop_per_s'] / 1e9:>8.1f} {j['mfu']:>6.1%} "
             f"{j['counted_flop_per_s'] / 1e9:>9.1f}")
     if t:
-      line += (f" {t['ms']['median']:>9.0f} {t['ms']['min']:>8.0f} "
+      line += (f" {t['ms']['median']:>9.1f} {t['ms']['min']:>8.1f} "
                f"{t['model_flop_per_s'] / 1e9:>8.1f} {t['mfu']:>6.1%} {r['ratio_median']:>6.2f} "
                f"{r['ratio_min']:>6.2f}")
     lines.append(line)
@@ -801,7 +881,8 @@ def main(argv):
                     matmul_reps=_MATMUL_REPS.value, xla_cpu_ynn=_YNN.value,
                     wan_ffn_dim=_WAN_FFN.value,
                     attention_impl=_ATTN.value, remat=_REMAT.value, malloc=_MALLOC.value,
-                    breakdown=_BREAKDOWN.value, seed=_SEED.value)
+                    breakdown=_BREAKDOWN.value, seed=_SEED.value, dtype=_DTYPE.value,
+                    torch_device=_TORCH_DEVICE.value)
   report = run_benchmark(cfg)
   print(format_table(report))
   if _OUT.value:

@@ -166,8 +166,10 @@ class Planner:
     self.token_shards = shards * math.prod(self.mesh.shape[a] for a in seq_axes)
     model, init_params = self._model(self.dit_config)
     # The parameter shapes do not depend on the remat policy: one abstract state serves all.
+    # The EMA (config.train.ema_decay > 0) is one more float32 copy of the parameters.
     self.abstract_state, self.state_shardings = state_lib.state_shardings(
-        init_params, self.tx, self.mesh, self.rules, self.config.seed)
+        init_params, self.tx, self.mesh, self.rules, self.config.seed,
+        ema_decay=self.config.train.ema_decay)
     params = self.abstract_state.params
     self.num_params = sum(math.prod(x.shape) for x in jax.tree.leaves(params))
     self.text_params = sum(

@@ -69,9 +69,22 @@ def get_config(variant: str = "cpu") -> ml_collections.ConfigDict:
       num_steps=4 if tiny else 2400 if cpu else 200_000,
       log_every=1 if tiny else 10 if cpu else 100,
       checkpoint_every=2 if tiny else 400 if cpu else 5000,
+      # No EMA of the weights: no run has measured one helping the autoencoder. (> 0 works: the
+      # latent statistics and the DiT stage then use the averaged encoder and decoder.)
+      ema_decay=0.0,
   )
   config.mesh = common.mesh_config()
   # Clips encoded after training to measure the per-channel latent mean and std that the
   # diffusion stage normalises with.
   config.latent_stats_clips = 8 if tiny else 64 if cpu else 1024
   return config.lock()
+
+
+def sweep_latent_channels():
+  """Latent channels C: more keeps more detail (PSNR) but gives the DiT a wider target."""
+  for channels in (8, 16):
+    yield {"model.latent_channels": channels}
+
+
+# Run with `python -m launch.sweep --config=experiments/autoencoder.py:cpu --sweep=latent_channels`.
+SWEEPS = {"latent_channels": sweep_latent_channels}

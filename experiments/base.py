@@ -79,6 +79,8 @@ def get_config(variant: str = "cpu") -> ml_collections.ConfigDict:
   config.diffusion.logit_std = 1.0  # Logit-normal scale.
   config.diffusion.shift_base_tokens = 64 if cpu else 4096  # Tokens where the shift is base_shift.
   config.diffusion.base_shift = 1.0  # Shift grows as sqrt(tokens / shift_base_tokens).
+  # False: the constant shift base_shift at every size (the shift sweep's "off" arm).
+  config.diffusion.resolution_shift = True
   config.diffusion.caption_dropout = 0.1  # Null-caption rate, for classifier-free guidance.
   config.diffusion.sample_steps = 2 if tiny else 30  # Sampler steps for samples and evaluation.
   config.diffusion.guidance = 4.0  # Classifier-free guidance scale.
@@ -107,6 +109,12 @@ def get_config(variant: str = "cpu") -> ml_collections.ConfigDict:
       log_every=1 if tiny else 10 if cpu else 100,
       checkpoint_every=2 if tiny else 500 if cpu else 5000,
       sample_every=0 if cpu else 10_000,
+      # Samples come from the EMA of the weights. The pod runs use DiT's 0.9999 (Peebles & Xie
+      # 2023, §4) over the same 400k steps: a ~10k-step average. cpu: 0.995, but over 1,500 steps
+      # the warm-up min(decay, (1 + t) / (10 + t)) stays below it (0.994 at the end), an average
+      # of the last ~10% of the run, short enough not to lag a model still improving fast.
+      # tiny: on, so the tests cover the EMA's checkpointing and sampling.
+      ema_decay=0.9 if tiny else 0.995 if cpu else 0.9999,
   )
   config.mesh = common.mesh_config()
 
@@ -123,3 +131,48 @@ def get_config(variant: str = "cpu") -> ml_collections.ConfigDict:
   config.sample.seed = 0  # Noise seed of the samples.
   config.sample.fps = 8  # Frame rate of the written mp4.
   return config.lock()
+
+
+# Sweeps: each function yields the overrides (dotted config keys -> values) of its trials, on top
+# of the variant and of any flags given after `--`. Run one with
+#   python -m launch.sweep --config=experiments/base.py:cpu --sweep=attention --root=runs/sweeps/attention
+# (see launch/sweep.py; `--list` shows every sweep and its trials).
+
+
+def sweep_shift():
+  """Resolution-dependent timestep shift (SD3 §5.3.2) on vs off (a constant shift of 1)."""
+  for on in (True, False):
+    yield {"diffusion.resolution_shift": on}
+
+
+def sweep_shift_strength():
+  """Shift strength base_shift 0.5, 1 (default), 2; the shift is base_shift * sqrt(tokens / base)."""
+  for base_shift in (0.5, 1.0, 2.0):
+    yield {"diffusion.base_shift": base_shift}
+
+
+def sweep_attention():
+  """Full spacetime self-attention vs factorised spatial-then-temporal (grid batches only)."""
+  for layout in ("full", "factorised"):
+    yield {"model.attention_layout": layout}
+
+
+def sweep_packing():
+  """Shape-bucketed batches vs NaViT packing of mixed shapes into fixed rows."""
+  for packing in (False, True):
+    yield {"data.packing": packing}
+
+
+def sweep_lr():
+  """Peak learning rate at half, one and two times the `cpu` default of 8e-4."""
+  for learning_rate in (4e-4, 8e-4, 1.6e-3):
+    yield {"optimizer.learning_rate": learning_rate}
+
+
+SWEEPS = {
+    "shift": sweep_shift,
+    "shift_strength": sweep_shift_strength,
+    "attention": sweep_attention,
+    "packing": sweep_packing,
+    "lr": sweep_lr,
+}

@@ -114,7 +114,9 @@ def optimizer_config(*, learning_rate: float, warmup_steps: int) -> ml_collectio
   return c
 
 
-def train_config(*, num_steps: int, log_every: int, checkpoint_every: int, sample_every: int = 0):
+def train_config(
+    *, num_steps: int, log_every: int, checkpoint_every: int, sample_every: int = 0, ema_decay: float = 0.0
+):
   """The `train` section: the loop schedule of the stage the file describes."""
   c = ml_collections.ConfigDict()
   c.num_steps = num_steps  # Steps of this stage (`--config.train.num_steps=N`).
@@ -127,4 +129,5 @@ def train_config(*, num_steps: int, log_every: int, checkpoint_every: int, sampl
   c.loss_spike_factor = 3.0  # Log a spike when loss > factor x running median (0: off).
   c.sample_every = sample_every  # Steps between sample clips (0: only at the end).
   c.compilation_cache = True  # Reuse compiled steps across runs (W/xla_cache).
+  c.ema_decay = ema_decay  # EMA of the weights, used for sampling (0: off; see training/ema.py).
   return c

@@ -30,6 +30,8 @@ import subprocess
 import sys
 import time
 
+from launch import cli
+
 _GRACE_S = 10.0  # After one process fails: how long the others get to exit on their own.
 
 
@@ -123,19 +125,10 @@ def main(argv=None):
   parser.add_argument("--port", type=int, default=0, help="Coordinator port (0: a free one).")
   parser.add_argument("--module", default="spacetime_dit.train", help="Python module each process runs.")
   parser.add_argument("--dry_run", action="store_true", help="Print the commands, start nothing.")
-  argv = sys.argv[1:] if argv is None else argv
-  if "--" in argv:
-    split = argv.index("--")
-    own, rest = argv[:split], argv[split + 1:]
-  else:
-    own, rest = argv, []
+  own, rest = cli.split_at_dashes(argv)
   args = parser.parse_args(own)
-  try:
-    return launch(args.num_processes, rest, module=args.module, port=args.port,
-                  devices_per_process=args.devices_per_process, dry_run=args.dry_run)
-  except ValueError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  return cli.exit_status(lambda: launch(args.num_processes, rest, module=args.module, port=args.port,
+                                        devices_per_process=args.devices_per_process, dry_run=args.dry_run))
 
 
 if __name__ == "__main__":

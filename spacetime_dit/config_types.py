@@ -119,8 +119,15 @@ class TrainConfig:
   loss_spike_factor: float = 3.0  # Warn (and count) when loss > factor x running median (0: off).
   sample_every: int = 0  # Steps between sample videos in W/samples (0: only at the end).
   compilation_cache: bool = True  # Persist XLA executables under W/xla_cache across runs.
+  # Decay of the EMA of the weights that sampling uses (`training.ema`); 0 turns it off.
+  ema_decay: float = 0.0
 
   def __post_init__(self):
+    if not 0.0 <= self.ema_decay < 1.0:
+      raise ValueError(
+          f"train.ema_decay={self.ema_decay} must be in [0, 1): 0 turns the EMA of the weights"
+          " off, values near 1 (e.g. 0.999) average over ~1 / (1 - decay) steps."
+      )
     for name in ("num_steps", "log_every", "checkpoint_every", "keep_checkpoints"):
       if getattr(self, name) < 1:
         raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}.")
@@ -187,6 +194,9 @@ class DiffusionConfig:
   logit_std: float = 1.0  # Logit-normal scale.
   shift_base_tokens: int = 256  # Token count at which the timestep shift is `base_shift`.
   base_shift: float = 1.0  # Shift at `shift_base_tokens`; grows with sqrt(tokens / base).
+  # False: every clip gets the constant shift `base_shift` (1.0 = no shift), whatever its size;
+  # the "shift off" arm of the ablation in experiments/base.py.
+  resolution_shift: bool = True
   caption_dropout: float = 0.1  # Probability of training on the null caption (enables CFG).
   sample_steps: int = 30  # Default sampler steps.
   guidance: float = 4.0  # Default classifier-free guidance scale.

@@ -199,12 +199,17 @@ class Generator:
     self._encode = jax.jit(self._encode_video)
 
   @classmethod
-  def from_workdir(cls, workdir: str, mesh=None, rules=None) -> "Generator":
-    """Loads the latest checkpoint of a DiT run and its autoencoder."""
+  def from_workdir(cls, workdir: str, mesh=None, rules=None, use_ema: bool = True) -> "Generator":
+    """Loads the latest checkpoint of a DiT run and its autoencoder.
+
+    The DiT's weights are its EMA (`training.ema`) when the checkpoint has one, unless
+    `use_ema=False` asks for the raw trained weights. The autoencoder is loaded as the DiT's
+    training loaded it (`builders.restore_params`' default), whatever `use_ema` says.
+    """
     if mesh is None:
       mesh = mesh_lib.make_mesh(config_types.MeshConfig())
       rules = config_types.MeshConfig().rules
-    config, dit, dit_params, tokenizer, _ = builders.restore_params(workdir, mesh, rules)
+    config, dit, dit_params, tokenizer, _ = builders.restore_params(workdir, mesh, rules, use_ema=use_ema)
     if config.stage != "dit":
       raise ValueError(
           f"{workdir} holds a {config.stage!r} run; sampling needs a diffusion-transformer run"
@@ -412,7 +417,7 @@ class Generator:
     start = 1.0 if init_video is None else strength
     pt, ph, pw = self.dit.config.patch_size
     num_tokens = math.prod(n // p for n, p in zip(grid, (pt, ph, pw)))
-    shift = flow.resolution_shift(num_tokens, self.diffusion.shift_base_tokens, self.diffusion.base_shift)
+    shift = steps_lib.timestep_shift(self.diffusion, num_tokens)
     timesteps = samplers.sampling_timesteps(steps, shift, start=start)
     x = noise
     if init_video is not None:

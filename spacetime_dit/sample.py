@@ -55,6 +55,9 @@ _DRAFT_SCALE = flags.DEFINE_float(
     "draft_scale", None, "In (0, 1): draft at this fraction of height/width, then refine at full size.")
 _REFINE_STRENGTH = flags.DEFINE_float("refine_strength", 0.5, "Edit strength of the refinement of a draft.")
 _FPS = flags.DEFINE_integer("fps", 8, "Frame rate of the written clip.")
+_EMA = flags.DEFINE_bool(
+    "ema", True, "Sample with the EMA of the DiT's weights when the checkpoint has one; --noema:"
+    " the raw trained weights.")
 flags.mark_flags_as_required(["workdir", "prompt"])
 
 
@@ -99,7 +102,7 @@ def main(argv):
   cond = [read_condition(path, mode) for path in _COND.value]
   cli.use_fast_cpu_convolutions()
   sample_cfg = builders.load_config(_WORKDIR.value).sample
-  generator = inference.Generator.from_workdir(_WORKDIR.value)
+  generator = inference.Generator.from_workdir(_WORKDIR.value, use_ema=_EMA.value)
   frames = _FRAMES.value
   if frames is None:
     frames = generator.frames_at_most(cond[0].shape[0]) if mode == "edit" else sample_cfg.frames

@@ -234,3 +234,23 @@ def test_chunked_memory_is_bounded():
   assert xla[4096] > 10 * xla[1024]  # the reference really is quadratic.
   assert chunked[4096] < xla[4096] / 4, (chunked, xla)
   assert chunked[4096] < 4.5 * chunked[1024], chunked
+
+
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_padding_for_cudnn_leaves_the_attention_unchanged(with_mask):
+  # cuDNN needs L and S in multiples of 64 once a mask is given (Q 1,024 x KV 77 was refused
+  # on an H200); the padded keys are masked out and the padded rows sliced off. Checked here
+  # with the dense XLA path, which computes the same function.
+  rng = np.random.default_rng(0)
+  q, k, v = (jnp.asarray(rng.normal(size=(2, n, 2, 8)), jnp.float32) for n in (70, 77, 77))
+  mask = jnp.asarray(rng.random((2, 70, 77)) > 0.3) if with_mask else None
+  want = attention._dense(q, k, v, mask, None)
+  qp, kp, vp, maskp = attention.pad_for_cudnn(q, k, v, mask)
+  # A mask pads both lengths to multiples of 64; without one only the odd S = 77 is padded.
+  padded = (128, 128) if with_mask else (70, 78)
+  assert (qp.shape[1], kp.shape[1]) == padded and maskp.shape == (2, *padded)
+  got = attention._dense(qp, kp, vp, maskp, None)[:, :70]
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
+  # Even lengths and no mask: untouched, so cuDNN keeps its mask-free kernel.
+  even = attention.pad_for_cudnn(q, q, q, None)
+  assert even[3] is None and even[0] is q

@@ -44,6 +44,7 @@ import jax
 import jax.numpy as jnp
 
 IMPLS = ("xla", "cudnn", "chunked", "splash")
+_CUDNN_SEQ_MULTIPLE = 64  # See pad_for_cudnn.
 DEFAULT_QUERY_CHUNK = 512
 DEFAULT_KEY_CHUNK = 1024
 # Splash attention's default block (BlockSizes.get_default(): 128 x 128); L and S are padded to it.
@@ -197,7 +198,42 @@ def cudnn_attention(q_blnk, k_bsnk, v_bsnk, *, key_mask_bs=None, q_segment_ids_b
   mask = _dense_mask(key_mask_bs, q_segment_ids_bl, kv_segment_ids_bs, mask_bls)
   if mask is not None:
     mask = jnp.broadcast_to(mask, (q_blnk.shape[0], q_blnk.shape[1], k_bsnk.shape[1]))
-  return _dense(q_blnk, k_bsnk, v_bsnk, mask, "cudnn")
+  length = q_blnk.shape[1]
+  q_blnk, k_bsnk, v_bsnk, mask = pad_for_cudnn(q_blnk, k_bsnk, v_bsnk, mask)
+  return _dense(q_blnk, k_bsnk, v_bsnk, mask, "cudnn")[:, :length]
+
+
+def pad_for_cudnn(q_blnk, k_bsnk, v_bsnk, mask_bls, multiple: int = _CUDNN_SEQ_MULTIPLE):
+  """Pads L and S so that cuDNN's fused attention trains on them, masking the padded keys out.
+
+  jax's cuDNN path refuses to train odd lengths once a mask (a bias) is given: on one H200 (jax
+  0.11.2, `benchmarks/gpu_check.sh`) a masked cross-attention of Q 1,024 x KV 77, i.e. text
+  cross-attention, raised "Unsupported sequence length". With a mask both lengths are padded to
+  a multiple of `multiple` (64: what passed there, forward and gradients). Without one, only an
+  odd length is padded (to even), since padding then needs a dense mask, which costs O(L*S)
+  memory. Padded keys are masked out and the caller slices off the padded query rows, so the
+  result is the unpadded attention.
+
+  Returns:
+    (q (B, L', N, K), k (B, S', N, K), v (B, S', N, K), mask (B, L', S') or None when nothing
+    was padded and no mask was given).
+  """
+  b, l, s = q_blnk.shape[0], q_blnk.shape[1], k_bsnk.shape[1]
+  if mask_bls is None and l % 2 == 0 and s % 2 == 0:
+    return q_blnk, k_bsnk, v_bsnk, None
+  step = multiple if mask_bls is not None else 2
+  lp, sp = -(-l // step) * step, -(-s // step) * step
+  if (lp, sp) == (l, s):
+    return q_blnk, k_bsnk, v_bsnk, mask_bls
+  if mask_bls is None:
+    mask_bls = jnp.ones((b, l, s), bool)
+  mask = jnp.pad(mask_bls, ((0, 0), (0, lp - l), (0, sp - s)), constant_values=False)
+  return _pad_tokens(q_blnk, lp), _pad_tokens(k_bsnk, sp), _pad_tokens(v_bsnk, sp), mask
+
+
+def _pad_tokens(x_btnk: jax.Array, length: int) -> jax.Array:
+  """Zeros appended along axis 1 up to `length`."""
+  return jnp.pad(x_btnk, ((0, 0), (0, length - x_btnk.shape[1]), (0, 0), (0, 0)))
 
 
 # ---------------------------------------------------------------------------------------------

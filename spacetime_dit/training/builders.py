@@ -21,9 +21,13 @@ from spacetime_dit.models import discriminator as discriminator_lib
 from spacetime_dit.models import dit as dit_lib
 from spacetime_dit.models import text as text_lib
 from spacetime_dit.training import checkpointing
+from spacetime_dit.training import ema as ema_lib
 from spacetime_dit.training import optimizer as optimizer_lib
 from spacetime_dit.training import state as state_lib
 from spacetime_dit.training import steps
+
+# The EMA decay of a state built only to restore a checkpoint that holds an average (never trained).
+_RESTORE_ONLY_EMA_DECAY = 0.5
 
 CONFIG_FILE = "config.json"
 LATENT_STATS_FILE = "latent_stats.json"
@@ -184,10 +188,15 @@ def autoencoder_finished(workdir: str) -> bool:
   return os.path.exists(os.path.join(workdir, LATENT_STATS_FILE))
 
 
-def restore_params(workdir: str, mesh, rules) -> tuple[ml_collections.ConfigDict, nn.Module, Any, Any, int]:
+def restore_params(
+    workdir: str, mesh, rules, *, use_ema: bool = True
+) -> tuple[ml_collections.ConfigDict, nn.Module, Any, Any, int]:
   """Loads a trained stage: (config, module, params, text front end or None, step) from its latest checkpoint.
 
   The front end (DiT stages only) is `build_dit`'s: texts -> (ids or frozen features, mask).
+
+  `params` are the EMA of the weights (`training.ema`) when the checkpoint holds one and
+  `use_ema`, else the raw trained weights.
 
   For an autoencoder workdir `params` are always the bare autoencoder's, also when it trained
   with a discriminator (whose parameters stay in the checkpoint).
@@ -201,7 +210,6 @@ def restore_params(workdir: str, mesh, rules) -> tuple[ml_collections.ConfigDict
     tx, _ = build_optimizer(config)
     ae_config = load_config(autoencoder_workdir(config, workdir))
     model, init_params, tokenizer = build_dit(config, ae_config.model.latent_channels)
-  abstract, _ = state_lib.state_shardings(init_params, tx, mesh, rules, config.seed)
   checkpointer = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
   step = checkpointer.latest_step()
   if step is None:
@@ -209,7 +217,14 @@ def restore_params(workdir: str, mesh, rules) -> tuple[ml_collections.ConfigDict
         f"no checkpoint in {workdir}/checkpoints: train first with"
         f" `python -m spacetime_dit.train --config=... --workdir={workdir}`."
     )
+  # The checkpoint, not the config, says whether there is an average to load. Its decay only
+  # steers training, which this is not: any value in (0, 1) restores the same arrays, so a
+  # config with EMA off (or from before EMA) takes a stand-in.
+  has_ema = ema_lib.FIELD in checkpointer.saved_fields(step)
+  ema_decay = (config.train.get("ema_decay", 0.0) or _RESTORE_ONLY_EMA_DECAY) if has_ema else 0.0
+  abstract, _ = state_lib.state_shardings(init_params, tx, mesh, rules, config.seed, ema_decay)
   state = checkpointer.restore(step, abstract)
   checkpointer.close()
-  params = autoencoder_params(state.params) if config.stage == "autoencoder" else state.params
+  params = ema_lib.sampling_params(state, use_ema)
+  params = autoencoder_params(params) if config.stage == "autoencoder" else params
   return config, model, params, tokenizer, step

@@ -25,6 +25,8 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
+from spacetime_dit.training import ema as ema_lib
+
 _STATE = "state"
 _DATA = "data"
 _CONFIG = "config"
@@ -152,15 +154,21 @@ class Checkpointer:
       return None
     return dict(self._manager.restore(step, args=ocp.args.Composite(**{_CONFIG: ocp.args.JsonRestore()}))[_CONFIG])
 
+  def saved_fields(self, step: int) -> set[str]:
+    """Top-level fields of checkpoint `step`'s state (e.g. whether it holds "ema_params")."""
+    metadata = self._manager.item_metadata(step)[_STATE]
+    return set(metadata.keys()) if hasattr(metadata, "keys") else set()
+
   def check_compatible(self, step: int, abstract_state: Any, config: Mapping[str, Any] | None = None) -> None:
     """Raises IncompatibleCheckpointError when checkpoint `step` cannot fill `abstract_state`.
 
     The arrays' paths, shapes and dtypes are compared with the checkpoint's metadata (so a
     change that leaves the arrays alone, e.g. the attention kernel, is no error); the message
     names the differing arrays and the differing config fields (`config`: the new config).
+    An EMA of the weights present on one side only is no error either (`ema.restore_plan`).
     """
     saved = _layout(self._manager.item_metadata(step)[_STATE])
-    wanted = _layout(abstract_state)
+    wanted = _layout(ema_lib.restore_plan(abstract_state, self.saved_fields(step), step)[0])
     if saved == wanted:
       return
     arrays = [f"{k}: {saved[k]} in the checkpoint, {wanted[k]} now" for k in sorted(set(saved) & set(wanted))
@@ -190,10 +198,12 @@ class Checkpointer:
   def restore(self, step: int, abstract_state: Any, data_iterator: Any | None = None) -> Any:
     """Restores the state at `step` into the shardings of `abstract_state`.
 
-    When `data_iterator` is given its position is restored in place.
+    When `data_iterator` is given its position is restored in place. A checkpoint without the
+    EMA that `abstract_state` has (or with one it lacks) restores too: `ema.restore_plan`.
     """
-    self.check_compatible(step, abstract_state)
-    items = {_STATE: ocp.args.StandardRestore(abstract_state)}
+    target, finish = ema_lib.restore_plan(abstract_state, self.saved_fields(step), step)
+    self.check_compatible(step, target)
+    items = {_STATE: ocp.args.StandardRestore(target)}
     data_state = None
     if data_iterator is not None:
       data_state = self._data_state_of_other_process_count(step)
@@ -203,18 +213,26 @@ class Checkpointer:
     if data_state is not None:
       data_iterator.set_state(data_state)
     logging.info("restored step %d from %s", step, self.directory)
-    return restored[_STATE]
+    return finish(restored[_STATE])
 
   def _data_state_of_other_process_count(self, step: int) -> dict | None:
     """The iterator state when checkpoint `step` was written by another number of processes.
 
-    The rule when the process count changes: the iterators of this codebase keep one state
-    for the whole job (the number of batches taken, the same on every process), and each
-    process derives its slice of every global batch from (process_index, process_count). So
-    the saved state of any process is valid for every process of the new job: training
-    continues at the same step of the same bucket order; which clips each process reads
-    (and, where a bucket's batch does not divide evenly, the clips of a batch) follow the
-    new process count. None when the counts match (Grain's own restore then runs).
+    The rule when the process count changes: the bucketed iterator's state is the number of
+    global batches taken, the same on every process, so any process's saved state is valid
+    for every process of the new job. Kept: the step, each global batch's size and the bucket
+    (shape) of every later step, which depend on the seed and the buckets alone. Changed:
+    which clips make up each global batch. Each process reads its own slice of every bucket
+    (`loader.shard_members`: permuted[p::P]) in its own shuffled order, so the slices, their
+    orders and hence the clips of global batch k follow the new process count; epoch progress
+    (batches taken x batch size / clips) is the same. A new mesh on the same process count
+    keeps the clips as well. Both hold while the buckets' global batch sizes stay the
+    same: `compute_buckets` rounds them down to a multiple of the mesh's batch shards
+    (data x fsdp), and the bucket weights follow them (`data.BucketsInState` warns when a
+    restore changes them). Packed batches (`data.packing`) save
+    a position in each process's own clip stream, which differs between processes: such a
+    checkpoint resumes only on the process count that wrote it (the ValueError below). None
+    when the counts match (Grain's own restore then runs).
     """
     directory = os.path.join(self.directory, str(step), _DATA)
     mine = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
@@ -231,7 +249,8 @@ class Checkpointer:
       raise ValueError(
           f"checkpoint {step} in {self.directory} holds per-process data iterator states that"
           f" differ ({', '.join(n for n, _ in states)}), so it cannot resume on"
-          f" {jax.process_count()} processes; resume with the process count that wrote it."
+          f" {jax.process_count()} processes; resume with the process count that wrote it"
+          f" ({len(states)}, e.g. `python -m launch.local --num_processes={len(states)} -- ...`)."
       )
     logging.warning(
         "checkpoint %d was written by %d processes, resuming on %d: every process takes the"

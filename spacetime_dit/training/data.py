@@ -6,6 +6,7 @@ import math
 import os
 from collections.abc import Callable
 
+import grain
 import numpy as np
 
 from data_pipelines import buckets as buckets_lib
@@ -174,4 +175,50 @@ def make_iterator(
       indices=indices,
       shapes=shapes,
   )
-  return iterator, buckets
+  return BucketsInState(iterator, buckets), buckets
+
+
+BUCKETS_KEY = "buckets"  # Iterator state key: [[T, H, W, global batch size], ...] per bucket.
+
+
+def bucket_changes(saved, current) -> list[str]:
+  """'shape: saved -> current global batch size' for each bucket that differs (or is only on one side)."""
+  saved = {tuple(b[:3]): b[3] for b in saved}
+  current = {tuple(b[:3]): b[3] for b in current}
+  return [f"{'x'.join(map(str, s))}: {saved.get(s, 'absent')} -> {current.get(s, 'absent')}"
+          for s in sorted(set(saved) | set(current)) if saved.get(s) != current.get(s)]
+
+
+class BucketsInState(grain.DatasetIterator):
+  """The bucketed iterator, whose checkpointed state also names its buckets.
+
+  The state's position (global batches taken) means the same stream only with the same
+  buckets: their global batch sizes set the bucket weights, so the bucket order, and the clips
+  of every batch. A resumed run on a mesh with another number of batch shards (data x fsdp)
+  can get other sizes (`compute_buckets` rounds them down to a multiple of it); `set_state`
+  then warns, naming the buckets, instead of silently training on another stream. States
+  without buckets (older checkpoints) restore as before.
+  """
+
+  def __init__(self, parent: grain.DatasetIterator, buckets):
+    super().__init__(parent)
+    self._buckets = [[*map(int, b.shape), int(b.batch_size)] for b in buckets]
+
+  def __next__(self):
+    return next(self._parent)
+
+  def get_state(self) -> dict:
+    return {**self._parent.get_state(), BUCKETS_KEY: self._buckets}
+
+  def set_state(self, state: dict) -> None:
+    state = dict(state)
+    saved = state.pop(BUCKETS_KEY, None)
+    changes = [] if saved is None else bucket_changes(saved, self._buckets)
+    if changes:
+      logging.warning(
+          "the data position was saved with other buckets (shape: saved -> now global batch"
+          " size): %s. Training continues at the saved step, but not with the batches the saved"
+          " run would have drawn next. Across meshes, keep the sizes by choosing"
+          " --config.data.max_batch_size and --config.data.token_budget so that every bucket's"
+          " batch is a multiple of each mesh's data x fsdp size.", "; ".join(changes))
+    self._parent.set_state(state)

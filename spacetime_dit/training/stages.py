@@ -32,6 +32,7 @@ from spacetime_dit.sharding import mesh as mesh_lib
 from spacetime_dit.training import builders
 from spacetime_dit.training import checkpointing
 from spacetime_dit.training import data as data_lib
+from spacetime_dit.training import ema as ema_lib
 from spacetime_dit.training import latent_cache
 from spacetime_dit.training import loop
 from spacetime_dit.training import metrics as metrics_lib
@@ -75,7 +76,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
 def _setup(config, workdir, init_params, tx, mesh, rules, train):
   """Checkpointer, writer, and (abstract state, shardings)."""
   builders.save_config(config, workdir)
-  abstract, shardings = state_lib.state_shardings(init_params, tx, mesh, rules, config.seed)
+  abstract, shardings = state_lib.state_shardings(init_params, tx, mesh, rules, config.seed, train.ema_decay)
   checkpointer = checkpointing.Checkpointer(
       os.path.join(workdir, "checkpoints"), max_to_keep=train.keep_checkpoints,
       keep_every=train.keep_every, async_save=train.async_checkpointing,
@@ -103,7 +104,8 @@ def _start_state(checkpointer, abstract, iterator, init_params, tx, mesh, rules,
           "resuming step %d with a config that differs from the one it was trained with; the"
           " run continues with the new values:\n  %s", latest, "\n  ".join(changed))
     return checkpointer.restore(latest, abstract, iterator)
-  return state_lib.create_state(init_params, tx, mesh, rules, seed)
+  ema_decay = getattr(abstract, "ema_decay", 0.0)  # `_setup` made the abstract state from train.ema_decay.
+  return state_lib.create_state(init_params, tx, mesh, rules, seed, ema_decay)
 
 
 def _jit_step(step_fn, state_shardings, mesh, rules, batch_ndims: dict[str, int], skip_nonfinite=False):
@@ -162,7 +164,8 @@ def train_autoencoder(config: ml_collections.ConfigDict, workdir: str) -> None:
           description="autoencoder", prefetch=data_cfg.prefetch_to_device,
       )
       state = loop.run(state, step_fn, {}, iterator, ctx)
-      ae_params = builders.autoencoder_params(state.params)
+      # The weights the DiT stage will load (`builders.restore_params`): the EMA if there is one.
+      ae_params = builders.autoencoder_params(ema_lib.sampling_params(state))
       mean, std = _latent_statistics(model, ae_params, data_cfg, config.latent_stats_clips)
     _write_reconstruction(model, ae_params, data_cfg, workdir)
     builders.save_latent_stats(workdir, mean, std)
@@ -379,7 +382,7 @@ def train_dit(config: ml_collections.ConfigDict, workdir: str) -> None:
   )
 
   def on_sample(state, done):
-    generator.dit_params = state.params
+    generator.dit_params = ema_lib.sampling_params(state)  # The EMA, as `sample` would load.
     # Every process samples (the parameters may be sharded across them); process 0 writes.
     inference.write_samples(
         generator, os.path.join(workdir, "samples", f"step_{done:07d}"), sample_cfg.prompts,

